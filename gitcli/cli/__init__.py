@@ -1,0 +1,57 @@
+"""The `gitcap` command line: a typer app with one thin module per command.
+
+Nothing heavy is imported here: each command imports torch/transformers inside its
+function body, so `gitcap --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Annotated, Optional
+
+import typer
+
+from gitcli import __version__
+
+app = typer.Typer(
+    name="gitcap",
+    help="Train, run and score CLIP-prefix image-to-text models (captioning and VQA).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+# (command name, module under gitcli.cli, function name), in the order --help lists them.
+COMMANDS: list[tuple[str, str, str]] = [
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gitcap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Train, run and score CLIP-prefix image-to-text models (captioning and VQA)."""
+
+
+def _register() -> None:
+    for name, module, function in COMMANDS:
+        mod = importlib.import_module(f"gitcli.cli.{module}")
+        command = getattr(mod, function)
+        app.command(name, help=command.__doc__)(command)
+
+
+_register()
+
+
+def main() -> None:
+    app()

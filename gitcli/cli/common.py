@@ -1,0 +1,76 @@
+"""What every command shares: error handling, the console, option aliases.
+
+The same concept has the same option everywhere (DESIGN.md conventions), so options are
+declared once here as `Annotated` aliases and reused by the command modules.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from gitcli.errors import GitcapError
+
+console = Console(stderr=True, highlight=False)
+F = TypeVar("F", bound=Callable)
+
+
+def fail(message: str, code: int = 2) -> "typer.Exit":
+    """Print one readable error line and return the exit to raise."""
+    console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def user_errors(fn: F) -> F:
+    """Turn a GitcapError into one line and a non-zero exit; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GitcapError as exc:
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_out(text: str) -> None:
+    """Results go to stdout, messages to stderr, so output can be piped."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+# ---- shared options -------------------------------------------------------------------
+CheckpointOpt = Annotated[
+    Optional[Path],
+    typer.Option("--checkpoint", "-c", help="Checkpoint directory, or a training output directory (its latest)."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="Storage dtype of frozen weights: auto, fp32, fp16, bf16.")
+]
+PrecisionOpt = Annotated[
+    Optional[str], typer.Option("--precision", help="Compute precision: bf16, fp16, fp32 (default: bf16 on GPUs that have it, else fp32).")
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+PresetOpt = Annotated[
+    Optional[str], typer.Option("--preset", help="Build a built-in model instead of loading one: tiny.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON lines instead of text.")]
+
+# decoding
+BeamsOpt = Annotated[int, typer.Option("--beams", min=1, help="Beam width (1 = greedy).")]
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest output in tokens.")]
+TemperatureOpt = Annotated[
+    float, typer.Option("--temperature", min=0.0, help="Sample at this temperature (0 = deterministic).")
+]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]

@@ -1,0 +1,178 @@
+"""Typed configuration: model, generation; aliases; JSON round trip.
+
+Standard library only, so every layer (and torch-free commands) can import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gitcli.errors import GitcapError
+
+# OpenAI's spellings and the names people type, mapped to open_clip model names.
+VISION_ALIASES = {
+    "ViT-B/32": "ViT-B-32",
+    "ViT-B/16": "ViT-B-16",
+    "ViT-L/14": "ViT-L-14",
+    "ViT-L/14@336px": "ViT-L-14-336",
+    "RN50": "RN50",
+    "RN101": "RN101",
+    "RN50x4": "RN50x4",
+}
+
+# Short LM names users type, mapped to real hub ids.
+LM_ALIASES = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "opt-125m": "facebook/opt-125m",
+    "opt-350m": "facebook/opt-350m",
+    "opt-1.3b": "facebook/opt-1.3b",
+    "opt-2.7b": "facebook/opt-2.7b",
+    "opt-6.7b": "facebook/opt-6.7b",
+    "llama-7b": "huggyllama/llama-7b",
+}
+
+MAPPINGS = ("linear", "linear-ln", "mlp", "transformer")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+PRESETS = ("tiny",)
+
+# Names under which the tiny preset's parts are recorded; they exist nowhere but in a
+# checkpoint, so they are always saved whole.
+TINY_VISION = "gitcap-tiny-vit"
+TINY_LM = "gitcap-tiny-lm"
+
+DEFAULT_QUESTION_TEMPLATE = "Question: {question} Answer:"
+
+
+def resolve_vision_name(name: str) -> str:
+    """`ViT-L/14` -> `ViT-L-14`; open_clip names pass through unchanged."""
+    return VISION_ALIASES.get(name, name)
+
+
+def resolve_lm_name(name: str) -> str:
+    """`opt-2.7b` -> `facebook/opt-2.7b`; hub ids and local paths pass through."""
+    return LM_ALIASES.get(name, name)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a captioner; saved as `gitcap.json` in a checkpoint."""
+
+    vision: str = "ViT-B-32"
+    # an open_clip pretrained tag, a local weights file, or None for random weights
+    vision_pretrained: str | None = "openai"
+    grid: bool = False  # patch grid instead of the pooled embedding
+    mapping: str = "mlp"
+    prefix_length: int = 10  # only for mlp / transformer; linear maps token for token
+    mapping_layers: int = 8  # transformer mapper depth
+    lm: str = "gpt2"
+    int8: bool = False
+    dtype: str = "auto"  # storage dtype of frozen weights
+    caption_prompt: str = ""  # text between the image prefix and the caption
+    question_template: str = DEFAULT_QUESTION_TEMPLATE
+    preset: str | None = None
+    # what was trained, so a checkpoint knows which weights it carries
+    train_vision: bool = False
+    lora_rank: int = 0
+    lora_alpha: int = 16
+    train_lm: bool = False
+
+    def __post_init__(self) -> None:
+        self.vision = resolve_vision_name(self.vision)
+        self.lm = resolve_lm_name(self.lm)
+
+    def validate(self) -> None:
+        """Refuse combinations that cannot work, before anything heavy loads."""
+        if self.mapping not in MAPPINGS:
+            raise GitcapError(f"unknown mapping {self.mapping!r}; choose one of {', '.join(MAPPINGS)}")
+        if self.dtype not in DTYPES:
+            raise GitcapError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise GitcapError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.mapping == "mlp" and self.grid:
+            raise GitcapError(
+                "the mlp mapping reads the pooled embedding; use --mapping linear, linear-ln "
+                "or transformer with --grid"
+            )
+        if self.mapping in ("mlp", "transformer") and self.prefix_length < 1:
+            raise GitcapError("--prefix-length must be at least 1")
+        if self.mapping == "transformer" and self.mapping_layers < 1:
+            raise GitcapError("the transformer mapping needs at least one layer")
+        if self.int8 and self.train_lm:
+            raise GitcapError("an 8-bit LM cannot be fully tuned; use --lora R instead of --train-lm")
+        if self.lora_rank < 0:
+            raise GitcapError("--lora must be a positive rank")
+        if "{question}" not in self.question_template:
+            raise GitcapError("the question template must contain {question}")
+
+    @property
+    def lm_trained(self) -> bool:
+        return self.train_lm or self.lora_rank > 0
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding options shared by caption, ask and infer-tsv."""
+
+    max_new_tokens: int = 20
+    beams: int = 1
+    temperature: float = 0.0  # 0 = deterministic (greedy or beam search)
+    top_p: float = 1.0
+    length_penalty: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise GitcapError("--max-new-tokens must be at least 1")
+        if self.beams < 1:
+            raise GitcapError("--beams must be at least 1")
+        if self.temperature < 0:
+            raise GitcapError("--temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise GitcapError("--top-p must be in (0, 1]")
+        if self.beams > 1 and self.temperature > 0:
+            raise GitcapError("sampling (--temperature > 0) and beam search (--beams > 1) are exclusive")
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls: type, data: dict[str, Any], *, what: str = "config") -> Any:
+    """Build a dataclass from a dict, refusing unknown keys (a file from something else)."""
+    if not isinstance(data, dict):
+        raise GitcapError(f"{what} is not a JSON object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise GitcapError(f"{what} has unknown fields: {', '.join(unknown)}")
+    return cls(**data)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_json(path: Path, *, what: str | None = None) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GitcapError(f"{what or 'file'} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GitcapError(f"{what or path} is not valid JSON: {exc}") from None
