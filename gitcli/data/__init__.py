@@ -1,0 +1,1 @@
+"""Datasets, image transforms and collation. Knows no model: tokenizers are handed in."""

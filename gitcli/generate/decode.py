@@ -1,0 +1,171 @@
+"""Batched decoding with a KV cache.
+
+The prefix and prompt are run once (prefill); each later step feeds one token per row.
+Beam search prefills once per image and then copies the cache to the image's beams.
+Greedy decoding is token-for-token what `transformers` `generate` gives on the same
+inputs; beam search follows its scoring (length penalty over generated tokens, the top
+`num_beams` of `2 * num_beams` candidates finish, early stop when no running beam can
+beat the worst kept hypothesis).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gitcli.config import GenerationConfig
+from gitcli.data.text import encode_prompts
+
+NEG = -1.0e9
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    score: float | None = None  # beam search: length-normalised log-probability
+
+
+def _new_cache(lm):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=lm.config)
+
+
+def _step(lm, cache, mask, positions, *, embeds=None, ids=None):
+    out = lm(inputs_embeds=embeds, input_ids=ids, attention_mask=mask, position_ids=positions,
+             past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()  # (rows, V)
+
+
+@torch.no_grad()
+def generate(captioner, pixel_values: torch.Tensor, prompts: list[str] | None, config: GenerationConfig,
+             prefix: torch.Tensor | None = None) -> list[Generation]:
+    """Generate one output per image. `prompts[i]` is the text after image i's prefix."""
+    config.validate()
+    lm, tokenizer = captioner.lm, captioner.tokenizer
+    if prefix is None:
+        prefix = captioner.image_prefix(pixel_values)
+    batch = prefix.shape[0]
+    prompts = prompts if prompts is not None else [captioner.config.caption_prompt] * batch
+    ids, mask = encode_prompts(tokenizer, prompts)
+    embeds, mask, positions = captioner.join(prefix, ids.to(prefix.device), mask.to(prefix.device), left_pad=True)
+    if config.beams > 1:
+        seqs = _beam_search(lm, embeds, mask, positions, config, tokenizer.eos_token_id)
+    else:
+        seqs = _greedy_or_sample(lm, embeds, mask, positions, config, tokenizer.eos_token_id)
+    return [Generation(tokenizer.decode(t, skip_special_tokens=True).strip(), t, s) for t, s in seqs]
+
+
+def _greedy_or_sample(lm, embeds, mask, positions, config: GenerationConfig, eos: int):
+    rows = embeds.shape[0]
+    device = embeds.device
+    cache = _new_cache(lm)
+    gen = torch.Generator(device=device).manual_seed(config.seed) if config.sampling else None
+    logits = _step(lm, cache, mask, positions, embeds=embeds)
+    next_pos = positions[:, -1:] + 1
+    out = torch.empty((rows, 0), dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    for step in range(config.max_new_tokens):
+        token = _pick(logits, config, gen)
+        # finished rows keep emitting EOS (dropped below); their outputs no longer change
+        token = torch.where(finished, torch.full_like(token, eos), token)
+        out = torch.cat([out, token[:, None]], dim=1)
+        finished |= token == eos
+        if bool(finished.all()) or step + 1 == config.max_new_tokens:
+            break
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        logits = _step(lm, cache, mask, next_pos, ids=token[:, None])
+        next_pos = next_pos + 1
+    return [(_until_eos(row, eos), None) for row in out.tolist()]
+
+
+def _pick(logits: torch.Tensor, config: GenerationConfig, gen) -> torch.Tensor:
+    if not config.sampling:
+        return logits.argmax(dim=-1)
+    probs = F.softmax(logits / config.temperature, dim=-1)
+    if config.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest set whose mass reaches top_p (the first token always stays)
+        drop = sorted_p.cumsum(-1) - sorted_p > config.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+def _until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def _beam_search(lm, embeds, mask, positions, config: GenerationConfig, eos: int):
+    batch, device = embeds.shape[0], embeds.device
+    nb, max_new, lp = config.beams, config.max_new_tokens, config.length_penalty
+    k = 2 * nb  # candidates kept per step, so nb stay alive even if nb of them end
+
+    cache = _new_cache(lm)
+    logits = _step(lm, cache, mask, positions, embeds=embeds)  # prefill once per image
+    cache.batch_repeat_interleave(nb)  # share the prefix's keys/values with each beam
+    logits = logits.repeat_interleave(nb, dim=0)
+    mask = mask.repeat_interleave(nb, dim=0)
+    next_pos = positions[:, -1:].repeat_interleave(nb, dim=0) + 1
+
+    run_seqs = torch.zeros((batch, nb, max_new), dtype=torch.long, device=device)
+    run_scores = torch.full((batch, nb), NEG, device=device)
+    run_scores[:, 0] = 0.0  # identical beams at the start: expand only the first
+    fin_seqs = torch.zeros_like(run_seqs)
+    fin_scores = torch.full((batch, nb), NEG, device=device)
+    fin_lens = torch.zeros((batch, nb), dtype=torch.long, device=device)
+    fin_filled = torch.zeros((batch, nb), dtype=torch.bool, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    in_top = (torch.arange(k, device=device) < nb)[None, :]
+    offsets = (torch.arange(batch, device=device) * nb)[:, None]
+
+    for step in range(max_new):
+        vocab = logits.shape[-1]
+        logp = F.log_softmax(logits, dim=-1).view(batch, nb, vocab) + run_scores[:, :, None]
+        top_scores, top_idx = logp.view(batch, nb * vocab).topk(k, dim=-1)  # (B, K)
+        src_beam, token = top_idx // vocab, top_idx % vocab
+        cand = torch.gather(run_seqs, 1, src_beam[:, :, None].expand(-1, -1, max_new)).clone()
+        cand[:, :, step] = token
+        ends = (token == eos) | (step + 1 == max_new)
+
+        # hypotheses that end here compete for the nb finished slots
+        normed = top_scores / float(step + 1) ** lp
+        eligible = ends & in_top & ~done[:, None]
+        normed = torch.where(eligible, normed, torch.full_like(normed, NEG))
+        all_scores = torch.cat([fin_scores, normed], dim=1)
+        keep = all_scores.topk(nb, dim=-1).indices
+        fin_scores = torch.gather(all_scores, 1, keep)
+        fin_seqs = torch.gather(torch.cat([fin_seqs, cand], 1), 1, keep[:, :, None].expand(-1, -1, max_new))
+        new_lens = torch.full_like(token, step + 1)
+        fin_lens = torch.gather(torch.cat([fin_lens, new_lens], 1), 1, keep)
+        fin_filled = torch.gather(torch.cat([fin_filled, eligible], 1), 1, keep)
+
+        # the best nb that did not end keep running
+        alive_scores = top_scores + ends.float() * NEG
+        sel = alive_scores.topk(nb, dim=-1).indices
+        run_scores = torch.gather(alive_scores, 1, sel)
+        run_seqs = torch.gather(cand, 1, sel[:, :, None].expand(-1, -1, max_new))
+        parent = torch.gather(src_beam, 1, sel)
+        next_token = torch.gather(token, 1, sel)
+
+        # stop an image once no running beam can beat its worst kept hypothesis
+        best_running = run_scores[:, 0] / float(step + 1) ** lp
+        worst_kept = torch.where(fin_filled.all(dim=1), fin_scores.min(dim=1).values, torch.full_like(best_running, NEG))
+        done |= fin_filled.all(dim=1) & (best_running <= worst_kept)
+        if bool(done.all()) or step + 1 == max_new:
+            break
+
+        cache.reorder_cache((parent + offsets).flatten())
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = _step(lm, cache, mask, next_pos, ids=next_token.flatten()[:, None])
+        next_pos = next_pos + 1
+
+    results = []
+    for b in range(batch):
+        length = int(fin_lens[b, 0])
+        tokens = fin_seqs[b, 0, :length].tolist()
+        results.append((_until_eos(tokens, eos), float(fin_scores[b, 0])))
+    return results

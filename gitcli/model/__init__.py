@@ -1,0 +1,1 @@
+"""The networks and their checkpoints: vision tower, mapping, LM, the captioner."""

@@ -1,0 +1,87 @@
+"""Loading the causal language model and its tokenizer: dtype, 8-bit, offline-first."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from gitcli.errors import GitcapError
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def storage_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: frozen weights in bf16 (fp16 without bf16 support) on GPUs, fp32 on CPU."""
+    if dtype != "auto":
+        return TORCH_DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _offline_hint(name: str) -> str:
+    return (
+        f"cannot load {name!r}: it is not a local directory and not in the Hugging Face cache, and "
+        "the hub could not be reached. Download it where there is internet "
+        f"(`hf download {name} --local-dir DIR`) and pass the directory instead"
+    )
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    """Local directory or cache first; the hub only when the cache has nothing."""
+    quiet = logging.getLogger("transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        if Path(name).is_dir():
+            return loader(name, **kwargs)
+        if Path(name).exists() or name.startswith((".", "/")):
+            raise GitcapError(f"{name!r} is not a model directory")
+        try:
+            return loader(name, local_files_only=True, **kwargs)
+        except OSError:
+            if os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise GitcapError(_offline_hint(name)) from None
+        try:
+            return loader(name, **kwargs)
+        except OSError:
+            raise GitcapError(_offline_hint(name)) from None
+    except ValueError as exc:  # e.g. an architecture transformers does not know
+        raise GitcapError(f"cannot load {name!r} as a causal LM: {str(exc).splitlines()[0]}") from None
+    finally:
+        quiet.setLevel(level)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path)
+    if tokenizer.eos_token_id is None:
+        raise GitcapError(f"the tokenizer of {name_or_path!r} has no end-of-sequence token")
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out of attention and loss, so any id works; EOS is conventional.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_lm(name_or_path: str, *, dtype: torch.dtype, int8: bool, device: torch.device):
+    """Load a transformers causal LM; 8-bit through BitsAndBytesConfig when asked."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype}
+    if int8:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise GitcapError("--int8 needs bitsandbytes (pip install bitsandbytes)") from None
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device}
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, **kwargs)
+    if not int8:
+        model.to(device)
+    return model
