@@ -16,7 +16,7 @@ from rich.console import Console
 
 from gitcli.errors import GitcapError
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable)
 
 

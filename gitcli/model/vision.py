@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -42,6 +43,10 @@ def create_clip_visual(name: str, pretrained: str | None) -> nn.Module:
                 f"{pretrained!r} is neither a local weights file nor a pretrained tag of {name} "
                 f"(tags: {', '.join(tags) or 'none'})"
             )
+    root = logging.getLogger()
+    level = root.level
+    if pretrained is None:  # random weights are intended here; silence open_clip's warning
+        root.setLevel(logging.ERROR)
     try:
         clip = open_clip.create_model(name, pretrained=pretrained, require_pretrained=pretrained is not None)
     except (OSError, RuntimeError, ValueError) as exc:
@@ -52,6 +57,8 @@ def create_clip_visual(name: str, pretrained: str | None) -> nn.Module:
             else "no hub access? download the weights elsewhere and pass --vision-pretrained FILE"
         )
         raise GitcapError(f"cannot load {name} weights {pretrained!r} from the {where}: {hint} ({_first_line(exc)})") from None
+    finally:
+        root.setLevel(level)
     return clip.visual
 
 

@@ -1,0 +1,43 @@
+"""`gitcap ask`: answer a question about an image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CheckpointOpt, DeviceOpt, DtypeOpt, JsonOpt,
+                               MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt,
+                               user_errors)
+
+
+@user_errors
+def ask(
+    image: Annotated[Path, typer.Argument(help="An image file (or a folder: the question is asked of each).", show_default=False)],
+    question: Annotated[str, typer.Argument(help="The question, in quotes.", show_default=False)],
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    beams: BeamsOpt = 1,
+    max_new_tokens: MaxNewTokensOpt = 10,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    batch_size: BatchSizeOpt = 16,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    precision: PrecisionOpt = None,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Answer a question about an image.
+
+    Example: gitcap ask dino.jpg "What is the dinosaur holding?" --checkpoint runs/vqa
+    """
+    from gitcli.cli.decoding import run_and_print
+    from gitcli.errors import GitcapError
+
+    if not question.strip():
+        raise GitcapError("the question is empty")
+    run_and_print([image], [question], checkpoint=checkpoint, preset=preset, device=device, dtype=dtype,
+                  precision=precision, batch_size=batch_size, beams=beams, max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_p=top_p, seed=seed, as_json=json_out)

@@ -1,0 +1,39 @@
+"""`gitcap caption`: caption images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CheckpointOpt, DeviceOpt, DtypeOpt, JsonOpt,
+                               MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt,
+                               user_errors)
+
+
+@user_errors
+def caption(
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.", show_default=False)],
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    beams: BeamsOpt = 1,
+    max_new_tokens: MaxNewTokensOpt = 20,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    batch_size: BatchSizeOpt = 16,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    precision: PrecisionOpt = None,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Caption images: one line per image (path<TAB>caption when there are several).
+
+    Example: gitcap caption photos/ --checkpoint runs/coco --beams 3
+    """
+    from gitcli.cli.decoding import run_and_print
+
+    run_and_print(images, [None], checkpoint=checkpoint, preset=preset, device=device, dtype=dtype,
+                  precision=precision, batch_size=batch_size, beams=beams, max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_p=top_p, seed=seed, as_json=json_out)

@@ -1,0 +1,95 @@
+"""The command line: help, start-up cost, and one-line errors for user mistakes."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from gitcli.cli import COMMANDS, app
+
+runner = CliRunner()
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, gitcli.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+
+
+@pytest.mark.parametrize("name", [c[0] for c in COMMANDS])
+def test_every_command_has_help_with_an_example(name):
+    result = runner.invoke(app, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output and "gitcap" in result.output
+
+
+def test_version():
+    from gitcli import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def _one_error_line(result):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def test_caption_prints_one_line_per_image(tiny_checkpoint, scene_images, tmp_path):
+    for i, im in enumerate(scene_images[:3]):
+        im.save(tmp_path / f"{i}.png")
+    result = runner.invoke(app, ["caption", str(tmp_path), "-c", str(tiny_checkpoint), "--max-new-tokens", "4",
+                                 "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if "\t" in line]
+    assert [line.split("\t")[0] for line in lines] == [str(tmp_path / f"{i}.png") for i in range(3)]
+
+
+def test_ask_json(tiny_checkpoint, scene_images, tmp_path):
+    scene_images[0].save(tmp_path / "x.png")
+    result = runner.invoke(app, ["ask", str(tmp_path / "x.png"), "what color is the circle?", "-c",
+                                 str(tiny_checkpoint), "--json", "--beams", "2", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    record = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][0])
+    assert record["question"] == "what color is the circle?" and isinstance(record["answer"], str)
+
+
+def test_missing_image(tiny_checkpoint, tmp_path):
+    line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "nope.jpg"), "-c", str(tiny_checkpoint)]))
+    assert "not found" in line
+
+
+def test_not_an_image_and_truncated_jpeg(tiny_checkpoint, scene_images, tmp_path):
+    (tmp_path / "page.jpg").write_text("<html>not an image</html>")
+    line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "page.jpg"), "-c", str(tiny_checkpoint)]))
+    assert "not an image" in line
+    buf = io.BytesIO()
+    scene_images[0].save(buf, format="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "cut.jpg"), "-c", str(tiny_checkpoint)]))
+    assert "cannot decode" in line
+
+
+def test_foreign_checkpoint_directory(tmp_path, scene_images):
+    scene_images[0].save(tmp_path / "x.png")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "gitcap.json").write_text('{"model_type": "bert"}')
+    line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "x.png"), "-c", str(tmp_path / "ck")]))
+    assert "not a gitcap checkpoint" in line
+
+
+def test_bad_options_are_one_line(tiny_checkpoint, tmp_path, scene_images):
+    scene_images[0].save(tmp_path / "x.png")
+    line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "x.png"), "-c", str(tiny_checkpoint),
+                                               "--beams", "2", "--temperature", "0.7"]))
+    assert "exclusive" in line
+    line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "x.png"), "-c", str(tiny_checkpoint),
+                                               "--device", "cuda:7"]))
+    assert "cuda" in line.lower()

@@ -1,0 +1,201 @@
+"""The model stack: mappings, loss masking, 8-bit LM, checkpoints, real formats."""
+
+import json
+
+import pytest
+import torch
+
+from gitcli.config import ModelConfig
+from gitcli.data.text import IGNORE, encode_pair, pad_right
+from gitcli.errors import GitcapError
+from gitcli.model.captioner import build_captioner
+from gitcli.model.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from gitcli.model.tiny import tiny_model_config
+
+
+def _pixels(model, images):
+    tf = model.image_transform()
+    return torch.stack([tf(im) for im in images])
+
+
+def _batch(model, pairs):
+    rows = [encode_pair(model.tokenizer, p, t) for p, t in pairs]
+    return pad_right([r[0] for r in rows], [r[1] for r in rows], model.tokenizer.pad_token_id)
+
+
+PAIRS = [("", "a red circle on the left"), ("Question: what color is the circle? Answer:", "red"),
+         ("Question: how many shapes are there? Answer:", "two")]
+
+
+@pytest.mark.parametrize("mapping,grid", [
+    ("linear", False), ("linear", True), ("linear-ln", False), ("linear-ln", True),
+    ("mlp", False), ("transformer", False), ("transformer", True),
+])
+def test_each_mapping_trains_pooled_and_grid(vocab, scene_images, mapping, grid):
+    torch.manual_seed(0)
+    model = build_captioner(tiny_model_config(mapping=mapping, grid=grid, prefix_length=4, mapping_layers=1),
+                            vocabulary=vocab)
+    expected_prefix = model.vision.num_tokens if (grid and mapping.startswith("linear")) else 4
+    assert model.prefix_length == expected_prefix
+    px = _pixels(model, scene_images[:3])
+    assert model.image_prefix(px).shape == (3, expected_prefix, model.lm.config.hidden_size)
+    loss, logits = model(px, **_batch(model, PAIRS))
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.mapping.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in model.lm.parameters())  # frozen LM gets no gradient
+    assert all(p.grad is None for p in model.vision.parameters())
+
+
+def test_mlp_mapping_refuses_grid(vocab):
+    with pytest.raises(GitcapError, match="pooled"):
+        build_captioner(tiny_model_config(mapping="mlp", grid=True), vocabulary=vocab)
+
+
+def test_labels_mask_prompt_and_padding(tiny_captioner):
+    tok = tiny_captioner.tokenizer
+    batch = _batch(tiny_captioner, PAIRS)
+    prompt_len = len(tok(PAIRS[1][0], add_special_tokens=False)["input_ids"])
+    target = tok(" red", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    row = batch["labels"][1].tolist()
+    width = batch["labels"].shape[1]
+    assert row == [IGNORE] * prompt_len + target + [IGNORE] * (width - prompt_len - len(target))
+    assert batch["attention_mask"][1].sum() == prompt_len + len(target)
+
+
+@torch.no_grad()
+def test_loss_counts_only_target_tokens(tiny_captioner, scene_images):
+    """Hand-checked: the loss is the mean cross-entropy over target positions alone."""
+    model = tiny_captioner
+    px = _pixels(model, scene_images[:3])
+    batch = _batch(model, PAIRS)
+    loss, _ = model(px, **batch)
+
+    # by hand: full LM forward on [prefix | text], read logits one step before each target
+    prefix = model.image_prefix(px)
+    embeds = torch.cat([prefix, model.embed_tokens(batch["input_ids"])], 1)
+    mask = torch.cat([torch.ones(3, prefix.shape[1], dtype=torch.long), batch["attention_mask"]], 1)
+    logits = model.lm(inputs_embeds=embeds, attention_mask=mask).logits
+    p = prefix.shape[1]
+    terms = []
+    for b in range(3):
+        for i, label in enumerate(batch["labels"][b].tolist()):
+            if label != IGNORE:
+                terms.append(-torch.log_softmax(logits[b, p + i - 1], -1)[label])
+    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
+
+    # padding content and prompt labels cannot matter: change them, same loss
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["input_ids"][batch["attention_mask"] == 0] = 5
+    loss2, _ = model(px, **changed)
+    assert torch.allclose(loss, loss2, atol=1e-6)
+
+
+def test_tiny_checkpoint_round_trip_is_identical(tiny_captioner, tiny_checkpoint, scene_images):
+    from gitcli.config import GenerationConfig
+    from gitcli.generate import generate
+
+    loaded = load_checkpoint(tiny_checkpoint).eval()
+    px = _pixels(tiny_captioner, scene_images[:3])
+    batch = _batch(tiny_captioner, PAIRS)
+    with torch.no_grad():
+        a = tiny_captioner(px, **batch)[1]
+        b = loaded(px, **batch)[1]
+    assert torch.equal(a, b)
+    gen = GenerationConfig(max_new_tokens=6)
+    assert [g.text for g in generate(tiny_captioner, px, None, gen)] == [g.text for g in generate(loaded, px, None, gen)]
+    saved = json.loads((tiny_checkpoint / "gitcap.json").read_text())
+    assert saved["model"]["preset"] == "tiny"
+    assert (tiny_checkpoint / "lm" / "model.safetensors").is_file()
+    assert (tiny_checkpoint / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def hub_format_models(tmp_path_factory, vocab):
+    """A GPT-2 saved as a transformers directory and an open_clip weights file."""
+    import open_clip
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gitcli.config import TINY_VISION
+    from gitcli.model.tiny import build_tiny_tokenizer
+    from gitcli.model.vision import _register_configs
+
+    root = tmp_path_factory.mktemp("hub")
+    tok = build_tiny_tokenizer(vocab)
+    torch.manual_seed(1)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=128,
+                                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id))
+    gpt2.save_pretrained(root / "gpt2")
+    tok.save_pretrained(root / "gpt2")
+    _register_configs()
+    clip = open_clip.create_model(TINY_VISION, pretrained=None)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, root / "clip.safetensors")
+    return root
+
+
+def test_real_formats_round_trip_with_trained_parts(hub_format_models, scene_images, tmp_path):
+    """Vision from an open_clip weights file, LM from a transformers directory, LoRA on."""
+    from gitcli.config import TINY_VISION
+
+    cfg = ModelConfig(vision=TINY_VISION, vision_pretrained=str(hub_format_models / "clip.safetensors"),
+                      lm=str(hub_format_models / "gpt2"), mapping="transformer", prefix_length=3,
+                      mapping_layers=1, train_vision=True, lora_rank=4)
+    torch.manual_seed(0)
+    model = build_captioner(cfg)
+    # training moves the tower and the adapters away from what can be fetched again
+    with torch.no_grad():
+        for p in list(model.vision.parameters())[:3]:
+            p.add_(0.01)
+        for n, p in model.lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    model.eval()
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    assert (ckpt / "vision.safetensors").is_file() and (ckpt / "lora.safetensors").is_file()
+    assert not (ckpt / "lm").exists()  # the LM is referenced, not copied
+    loaded = load_checkpoint(ckpt).eval()
+    px = _pixels(model, scene_images[:2])
+    batch = _batch(model, PAIRS[:2])
+    with torch.no_grad():
+        assert torch.equal(model(px, **batch)[1], loaded(px, **batch)[1])
+
+
+def test_int8_lm_loads_and_runs_on_cpu(tiny_checkpoint, scene_images):
+    import bitsandbytes as bnb
+
+    model = load_checkpoint(tiny_checkpoint, int8=True).eval()
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.lm.modules())
+    px = _pixels(model, scene_images[:2])
+    with torch.no_grad():
+        loss, logits = model(px, **_batch(model, PAIRS[:2]))
+    assert torch.isfinite(loss) and logits.shape[0] == 2
+    ref = load_checkpoint(tiny_checkpoint).eval()
+    with torch.no_grad():
+        ref_logits = ref(px, **_batch(ref, PAIRS[:2]))[1]
+    # 8-bit weights: close to the full-precision model, not equal
+    assert torch.allclose(logits, ref_logits, atol=0.5) and not torch.equal(logits, ref_logits)
+
+
+def test_unknown_names_are_user_errors(vocab):
+    with pytest.raises(GitcapError, match="unknown vision tower"):
+        build_captioner(tiny_model_config(vision="ViT-Nope-99"), vocabulary=vocab)
+    with pytest.raises(GitcapError, match="hf download"):
+        build_captioner(ModelConfig(vision="gitcap-tiny-vit", vision_pretrained=None, lm="no-such-org/no-such-lm"))
+    with pytest.raises(GitcapError, match="pretrained tag"):
+        build_captioner(ModelConfig(vision="gitcap-tiny-vit", vision_pretrained="not-a-tag"))
+
+
+def test_foreign_directory_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(GitcapError, match="not a gitcap checkpoint"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "gitcap.json").write_text('{"something": "else"}')
+    with pytest.raises(GitcapError, match="not a gitcap checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_aliases_resolve():
+    cfg = ModelConfig(vision="ViT-L/14", lm="opt-2.7b")
+    assert (cfg.vision, cfg.lm) == ("ViT-L-14", "facebook/opt-2.7b")
+    assert ModelConfig(lm="llama-7b").lm == "huggyllama/llama-7b"
