@@ -176,3 +176,76 @@ def read_json(path: Path, *, what: str | None = None) -> Any:
         raise GitcapError(f"{what or 'file'} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GitcapError(f"{what or path} is not valid JSON: {exc}") from None
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class DataConfig:
+    """Where training (and validation) examples come from."""
+
+    source: str = "synthetic"  # synthetic | shard folder/pattern | CC TSV | GIT image TSV | VQA questions JSON
+    synthetic_size: int = 2000
+    synthetic_seed: int = 0
+    image_root: str | None = None  # CC TSV: folder of %08d.jpg; VQA: COCO image folder
+    captions: str | None = None  # GIT caption TSV beside a GIT image TSV
+    questions: str | None = None  # VQA questions JSON
+    annotations: str | None = None  # VQA annotations JSON
+    images: str | None = None  # VQA: GIT image TSV instead of an image folder
+    task: str = "both"  # synthetic: captions, vqa or both
+    max_target_tokens: int = 32
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, launch and output options of `gitcap train`."""
+
+    output_dir: str = "runs/gitcap"
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32  # per device
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    clip_grad: float | None = 1.0
+    grad_checkpointing: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: str | None = None
+    save_every: int = 1000
+    keep_last: int = 2
+    log_every: int = 10
+    val_data: str | None = None
+    val_samples: int = 200
+    val_synthetic_seed: int = 1
+    resume: bool = False
+    init_from: str | None = None
+    zero: int | None = None  # DeepSpeed ZeRO stage; None = plain PyTorch (DDP under torchrun)
+    offload: bool = False
+    deepspeed_config: str | None = None
+    report_to: str | None = None
+    max_nonfinite: int = 20  # consecutive non-finite losses before giving up
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise GitcapError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise GitcapError("--batch-size and --grad-accum must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise GitcapError("--max-steps must be at least 1")
+        if self.epochs < 1:
+            raise GitcapError("--epochs must be at least 1")
+        if self.lr <= 0:
+            raise GitcapError("--lr must be positive")
+        if self.zero is not None and self.zero not in (0, 1, 2, 3):
+            raise GitcapError("--zero takes a stage: 0, 1, 2 or 3")
+        if self.offload and (self.zero or 0) < 2:
+            raise GitcapError("--offload needs --zero 2 or 3")
+        if self.keep_last < 1:
+            raise GitcapError("--keep-last must be at least 1")
+        if self.report_to not in (None, "tensorboard", "wandb"):
+            raise GitcapError("--report-to takes tensorboard or wandb")

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -56,12 +57,19 @@ def _vision_is_saved(config: ModelConfig) -> bool:
     return config.train_vision or config.vision_pretrained is None or config.preset == "tiny"
 
 
-def save_checkpoint(captioner: Captioner, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write atomically: into a temporary sibling, then rename over `directory`."""
+def save_checkpoint(captioner: Captioner, directory: str | Path, extra: dict | None = None,
+                    also_write: Callable[[Path], None] | None = None) -> Path:
+    """Write atomically: into a temporary sibling, then rename over `directory`.
+
+    `also_write(tmp_dir)` adds files (a training run's resume state) before the rename,
+    so the checkpoint and its state appear together or not at all.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        if also_write is not None:
+            also_write(tmp)
         _write(captioner, tmp, extra or {})
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")

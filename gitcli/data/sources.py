@@ -1,0 +1,84 @@
+"""Training sources -> (records, image loader).
+
+Each loader is a small picklable object (DataLoader workers receive a copy) that turns a
+record's image reference into a PIL image, raising GitcapError when it cannot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gitcli.config import DataConfig
+from gitcli.data.datasets import Record
+from gitcli.data.images import open_rgb
+from gitcli.data.synthetic import make_scene
+from gitcli.errors import GitcapError
+
+
+class SyntheticImages:
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __call__(self, index: int):
+        return make_scene(self.seed, index).image
+
+
+class FileImages:
+    def __call__(self, path: str):
+        return open_rgb(path)
+
+
+def synthetic_records(size: int, seed: int, task: str) -> list[Record]:
+    """Each scene gives its canonical caption and/or all its question/answer pairs."""
+    if task not in ("captions", "vqa", "both"):
+        raise GitcapError("--task takes captions, vqa or both")
+    records = []
+    for i in range(size):
+        scene = make_scene(seed, i)
+        if task in ("captions", "both"):
+            records.append(Record(i, None, scene.captions[0], key=str(i)))
+        if task in ("vqa", "both"):
+            records.extend(Record(i, q, a, key=str(i)) for q, a in scene.qa)
+    return records
+
+
+def cc_tsv_records(tsv: Path, image_root: Path) -> tuple[list[Record], int]:
+    """Conceptual Captions `caption<TAB>url` rows; images `%08d.jpg` by row. -> (records, missing)"""
+    records, missing = [], 0
+    opener = _open_text(tsv)
+    with opener as fh:
+        for row, line in enumerate(fh):
+            caption = line.rstrip("\n").split("\t", 1)[0].strip()
+            image = image_root / f"{row:08d}.jpg"
+            if not caption:
+                continue
+            if not image.is_file():
+                missing += 1
+                continue
+            records.append(Record(str(image), None, caption, key=f"{row:08d}"))
+    return records, missing
+
+
+def _open_text(path: Path):
+    if not path.is_file():
+        raise GitcapError(f"data file not found: {path}")
+    if path.suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def build_source(cfg: DataConfig):
+    """-> (records, loader, notes) for the configured source."""
+    src = cfg.source
+    if src == "synthetic":
+        return synthetic_records(cfg.synthetic_size, cfg.synthetic_seed, cfg.task), SyntheticImages(cfg.synthetic_seed), {}
+    path = Path(src)
+    if path.suffix in (".tsv", ".gz") and cfg.image_root:
+        records, missing = cc_tsv_records(path, Path(cfg.image_root))
+        return records, FileImages(), {"missing images": missing}
+    raise GitcapError(
+        f"cannot tell what kind of data {src!r} is: use synthetic, a shard folder, a CC TSV with "
+        "--image-root, a GIT image TSV with --captions, or VQA JSON with --questions/--annotations"
+    )

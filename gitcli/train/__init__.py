@@ -1,0 +1,1 @@
+"""Training: the loop, schedules, resume state, memory estimates, DeepSpeed configs."""

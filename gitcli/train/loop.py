@@ -1,0 +1,317 @@
+"""The training loop: one process, or one per GPU under torchrun (DDP).
+
+Shape of a run: build or load the captioner, build the data, then for each optimizer step
+run `grad_accum` micro-batches, skip the step if the loss was not finite, clip, step,
+log, and every `save_every` steps write `checkpoint-STEP/` (weights + resume state)
+atomically, point `latest` at it, validate, and keep the best.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from gitcli.config import DataConfig, ModelConfig, TrainConfig, to_dict, write_json
+from gitcli.data.datasets import Collator, RecordDataset, ResumableSampler
+from gitcli.data.sources import build_source
+from gitcli.dist import (all_reduce_mean, autocast, barrier, init_distributed, is_main_process, resolve_device,
+                         resolve_precision)
+from gitcli.errors import GitcapError
+from gitcli.model.captioner import Captioner, apply_lora, build_captioner, freeze_for_training
+from gitcli.model.checkpoint import LATEST_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint, write_latest
+from gitcli.train.schedule import lr_factor
+from gitcli.train.state import load_state, rng_state, save_state, set_rng_state
+
+Validator = Callable[[Captioner, int], dict]  # (model, step) -> {"score": float, ...}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    last_checkpoint: Path | None
+    losses: list[float] = field(default_factory=list)  # per optimizer step, this process's run
+    skipped_images: int = 0
+    nonfinite_steps: int = 0
+    samples_per_second: float = 0.0
+    best_score: float | None = None
+    seconds: float = 0.0
+
+
+def _build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resume_from: Path | None) -> Captioner:
+    if resume_from is not None:
+        return load_checkpoint(resume_from, device=device)
+    if cfg.init_from:
+        model = load_checkpoint(cfg.init_from, device=device)
+        model.config.train_vision = model_cfg.train_vision
+        model.config.train_lm = model_cfg.train_lm
+        if model_cfg.lora_rank and not model.config.lora_rank:
+            model.config.lora_rank, model.config.lora_alpha = model_cfg.lora_rank, model_cfg.lora_alpha
+            apply_lora(model)
+        model.config.validate()
+        if model.config.train_vision:
+            model.vision.float()
+        freeze_for_training(model)
+        return model
+    vocabulary = None
+    if model_cfg.preset == "tiny":
+        from gitcli.data.synthetic import vocabulary as synthetic_vocabulary
+
+        vocabulary = synthetic_vocabulary()
+    return build_captioner(model_cfg, device=device, vocabulary=vocabulary)
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in _trainable(model):
+        (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norms
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    for old in ckpts[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, validator: Validator | None = None,
+          progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Run training; returns a summary. `stop_after` ends the process's run early (tests)."""
+    cfg.validate()
+    model_cfg.validate()
+    device = resolve_device(cfg.device)
+    rank, world = init_distributed(device.type)
+    precision = resolve_precision(cfg.precision, device)
+    out = Path(cfg.output_dir)
+    resume_from = None
+    if cfg.resume:
+        if (out / LATEST_FILE).is_file():
+            resume_from = resolve_checkpoint(out)
+        elif is_main_process():
+            print(f"nothing to resume in {out}: starting a new run")
+    elif (out / LATEST_FILE).is_file():
+        raise GitcapError(f"{out} already holds a run; pass --resume to continue it or choose another --output-dir")
+
+    torch.manual_seed(cfg.seed)
+    model = _build_model(model_cfg, cfg, device, resume_from)
+    model_cfg = model.config
+    if cfg.grad_checkpointing:
+        if model_cfg.lm_trained:
+            model.lm.gradient_checkpointing_enable()
+        if model_cfg.train_vision and hasattr(model.vision.visual, "set_grad_checkpointing"):
+            model.vision.visual.set_grad_checkpointing(True)
+
+    records, loader_fn, notes = build_source(data_cfg)
+    if not records:
+        raise GitcapError(f"no training examples in {data_cfg.source}")
+    dataset = RecordDataset(records, loader_fn, model.image_transform(), model.tokenizer, model_cfg,
+                            data_cfg.max_target_tokens)
+    sampler = ResumableSampler(len(dataset), cfg.seed, rank, world)
+    micro_per_epoch = (len(dataset) // world) // cfg.batch_size
+    steps_per_epoch = micro_per_epoch // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise GitcapError(f"{len(dataset)} examples are fewer than one step's worth "
+                          f"({cfg.batch_size} x {cfg.grad_accum} x {world} processes)")
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+
+    train_module: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+    optimizer = _optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.schedule))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    step, epoch, micro_done, best, nonfinite_run = 0, 0, 0, None, 0
+    if resume_from is not None:
+        state = load_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        step, epoch, micro_done = int(state["step"]), int(state["epoch"]), int(state["micro_done"])
+        best = state.get("best")
+        if is_main_process():
+            print(f"resuming {out} at step {step} (epoch {epoch})")
+
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "train_config.json", {"model": to_dict(model_cfg), "data": to_dict(data_cfg),
+                                               "train": to_dict(cfg), "world_size": world})
+    result = TrainResult(out, step, None, best_score=best)
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if is_main_process() else None
+
+    def save(tag_step: int) -> Path:
+        name = f"checkpoint-{tag_step}"
+        rngs = _gather_rng(world)
+        if is_main_process():
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": rngs, "step": tag_step, "epoch": epoch,
+                     "micro_done": micro_done, "best": result.best_score}
+            path = save_checkpoint(model, out / name, extra={"step": tag_step},
+                                   also_write=lambda tmp: save_state(tmp, state))
+            write_latest(out, name)
+            _prune(out, cfg.keep_last)
+        barrier()
+        return out / name
+
+    def validate_and_keep_best(ckpt: Path) -> None:
+        if validator is None:
+            return
+        model.eval()
+        report = validator(model, step)
+        model.train()
+        if is_main_process():
+            metrics.write(json.dumps({"step": step, "validation": report}) + "\n")
+            metrics.flush()
+            score = report.get("score")
+            if score is not None and (result.best_score is None or score > result.best_score):
+                result.best_score = score
+                _replace_dir(ckpt, out / "best")
+
+    bar = _Bar(total_steps, enabled=progress and is_main_process())
+    start, samples_seen = time.perf_counter(), 0
+    window: list[float] = []
+    try:
+        with bar:
+            bar.update(step, None, scheduler.get_last_lr()[0], 0.0)
+            while step < total_steps and (stop_after is None or len(result.losses) < stop_after):
+                sampler.set_position(epoch, micro_done * cfg.batch_size)
+                loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                                    num_workers=data_cfg.num_workers, collate_fn=Collator(model.tokenizer.pad_token_id),
+                                    drop_last=True, persistent_workers=False)
+                group_losses, bad = [], False
+                for batch in loader:
+                    micro_done += 1
+                    result.skipped_images += batch["skipped"]
+                    if batch["size"] > 0:
+                        with autocast(precision, device):
+                            loss, _ = train_module(batch["pixel_values"].to(device), batch["input_ids"].to(device),
+                                                   batch["attention_mask"].to(device), batch["labels"].to(device))
+                        bad |= not bool(torch.isfinite(loss))
+                        if not bad:
+                            scaler.scale(loss / cfg.grad_accum).backward()
+                            group_losses.append(float(loss.detach()))
+                        samples_seen += batch["size"]
+                    if micro_done % cfg.grad_accum != 0:
+                        continue
+                    # ---- one optimizer step ----
+                    if all_reduce_mean(float(bad or not group_losses), device) > 0:
+                        optimizer.zero_grad(set_to_none=True)
+                        result.nonfinite_steps += 1
+                        nonfinite_run += 1
+                        if nonfinite_run >= cfg.max_nonfinite:
+                            raise GitcapError(f"{nonfinite_run} steps in a row had a non-finite loss; "
+                                              "lower --lr, use bf16 instead of fp16, or check the data")
+                        group_losses, bad = [], False
+                        continue
+                    nonfinite_run = 0
+                    if cfg.clip_grad:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(_trainable(model), cfg.clip_grad)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    step += 1
+                    step_loss = all_reduce_mean(sum(group_losses) / len(group_losses), device)
+                    result.losses.append(step_loss)
+                    window.append(step_loss)
+                    group_losses, bad = [], False
+                    elapsed = time.perf_counter() - start
+                    rate = samples_seen * world / max(elapsed, 1e-9)
+                    bar.update(step, step_loss, scheduler.get_last_lr()[0], rate)
+                    if metrics is not None and (step % cfg.log_every == 0 or step == total_steps):
+                        metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": sum(window) / len(window),
+                                                  "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
+                                                  "skipped_images": result.skipped_images}) + "\n")
+                        metrics.flush()
+                        window = []
+                    done = step >= total_steps or (stop_after is not None and len(result.losses) >= stop_after)
+                    if step % cfg.save_every == 0 or step == total_steps:
+                        if micro_done >= micro_per_epoch:  # the epoch ended with this step
+                            epoch, micro_done = epoch + 1, 0
+                        result.last_checkpoint = save(step)
+                        validate_and_keep_best(result.last_checkpoint)
+                    if done:
+                        break
+                else:
+                    epoch, micro_done = epoch + 1, 0
+                    continue
+                break
+    finally:
+        if metrics is not None:
+            metrics.close()
+    result.steps = step
+    result.seconds = time.perf_counter() - start
+    result.samples_per_second = samples_seen * world / max(result.seconds, 1e-9)
+    return result
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Copy `source` to `target`, swapping it in by renames so `target` is never half-written."""
+    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _gather_rng(world: int) -> list[dict]:
+    """Every rank's RNG state, so each continues its own stream on resume."""
+    state = rng_state()
+    if world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states: list = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+class _Bar:
+    """Rich progress: step, loss, lr, samples/s, ETA."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.enabled, self.total = enabled, total
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(), transient=False)
+            self.task = self.progress.add_task("train", total=total, info="")
+
+    def __enter__(self):
+        if self.enabled:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+
+    def update(self, step: int, loss: float | None, lr: float, rate: float) -> None:
+        if self.enabled:
+            info = f"loss {loss:.3f}  lr {lr:.2e}  {rate:.0f} samples/s" if loss is not None and math.isfinite(loss) else ""
+            self.progress.update(self.task, completed=step, info=info)
