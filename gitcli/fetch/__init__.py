@@ -7,11 +7,12 @@ Modules, one job each:
     outcomes   outcome names (what happened to a row) and which of them are transient
     policy     which addresses/URLs may be requested; X-Robots-Tag; excluded URLs
     http       aiohttp client: redirects followed by hand (each hop checked), retries, limits
-    worker     image decoding/resizing in worker processes
     plan       which shards and rows this run fetches (resume, --part, --retry-failed)
     shard      one shard being written: samples, status lines, stats
     report     progress bar, outcome table, overall stats
-    run        the orchestration: streams rows through download -> process -> shard
+    worker     worker processes: each fetches whole shards (own event loop, inline decode)
+    shard_fetch  one shard: download rows with bounded concurrency, normalise, write
+    run        the orchestration: plans shards, deals them to workers, shows progress
 """
 
 from gitcli.fetch.config import FetchConfig

@@ -78,3 +78,14 @@ class Planner:
     def count(self, rows: Iterable[Row]) -> int:
         """Rows this run will fetch (for the progress bar's total and ETA)."""
         return sum(1 for _, row in self.work(rows) if row is not None)
+
+
+def shards_with_rows(planner: Planner, rows: Iterable[Row]) -> Iterator[tuple[ShardPlan, list[Row]]]:
+    """Each shard to work on with its rows to fetch; one shard's rows in memory at a time."""
+    batch: list[Row] = []
+    for plan, row in planner.work(rows):
+        if row is None:
+            yield plan, batch
+            batch = []
+        else:
+            batch.append(row)

@@ -58,6 +58,13 @@ class Reporter:
             self._last_refresh = now
             self._refresh_fields()
 
+    def add_counts(self, counts: dict[str, int], nbytes: int) -> None:
+        """Batched counts from a worker process."""
+        self.counts.update(counts)
+        self.bytes += nbytes
+        self._progress.advance(self._task, sum(counts.values()))
+        self._refresh_fields()
+
     def _refresh_fields(self) -> None:
         elapsed = max(time.time() - self.started, 1e-6)
         done = sum(self.counts.values())

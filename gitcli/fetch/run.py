@@ -1,17 +1,21 @@
-"""The orchestration: rows stream from the TSV through download (asyncio, aiohttp) and
-image processing (worker processes) into shard writers, with bounded concurrency.
+"""The orchestration: the TSV streams past, rows are grouped into the shards this run
+must fetch (plan.py), and whole shards are dealt to `--processes` worker processes
+(worker.py), at most one queued shard per worker ahead, so memory stays bounded whatever
+the TSV size. The main process only plans, shows progress and sums up.
 
-Memory is bounded by `--concurrency` rows in flight (download + processing) plus the
-status lines of the open shards; the TSV is never loaded. Ctrl-C cancels the rows in
-flight and deletes the temporary files of unfinished shards; finished shards are final.
+Ctrl-C: every process gets SIGINT; workers drop the temporary files of their unfinished
+shards, finished shards are final; `gitcap fetch` exits 130.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import multiprocessing
+import queue as queue_module
 import time
 from collections import Counter
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,14 +23,11 @@ from rich.console import Console
 
 from gitcli.fetch import outcomes
 from gitcli.fetch.config import FetchConfig
-from gitcli.fetch.http import Downloader
-from gitcli.fetch.outcomes import FetchFailure
-from gitcli.fetch.plan import Planner, ShardPlan
-from gitcli.fetch.policy import UrlExclusions
+from gitcli.fetch.plan import Planner, shards_with_rows
 from gitcli.fetch.report import Reporter, write_overall_stats
-from gitcli.fetch.shard import ShardJob
-from gitcli.fetch.worker import init_worker, process_image
-from gitcli.formats.cc import Row, read_rows
+from gitcli.fetch.shard_fetch import fetch_shard
+from gitcli.fetch.worker import init_worker, run_shard
+from gitcli.formats.cc import read_rows
 
 
 @dataclass
@@ -50,13 +51,15 @@ def fetch(cfg: FetchConfig, console: Console | None = None) -> FetchSummary:
     """Fetch every row of `cfg.tsv` that this run is responsible for (see plan.py)."""
     cfg.validate()
     cfg.out.mkdir(parents=True, exist_ok=True)
-    exclusions = UrlExclusions(cfg.exclude_urls)
     planner = Planner(cfg)
     total = planner.count(read_rows(cfg.tsv, cfg.layout))
     summary = FetchSummary()
     started = time.time()
     with Reporter(console, total, enabled=cfg.progress) as reporter:
-        asyncio.run(_Run(cfg, planner, exclusions, reporter, summary).main())
+        if cfg.processes == 0:
+            _fetch_in_process(cfg, planner, reporter, summary)
+        else:
+            _fetch_in_workers(cfg, planner, reporter, summary)
     summary.outcomes = reporter.counts
     summary.bytes_downloaded = reporter.bytes
     summary.seconds = time.time() - started
@@ -64,97 +67,53 @@ def fetch(cfg: FetchConfig, console: Console | None = None) -> FetchSummary:
     return summary
 
 
-class _Run:
-    def __init__(self, cfg: FetchConfig, planner: Planner, exclusions: UrlExclusions, reporter: Reporter, summary: FetchSummary):
-        self.cfg = cfg
-        self.planner = planner
-        self.exclusions = exclusions
-        self.reporter = reporter
-        self.summary = summary
-        self.jobs: dict[int, ShardJob] = {}
-        self.pool: Executor | None = None
-        self.downloader: Downloader | None = None
+def _fetch_in_process(cfg: FetchConfig, planner: Planner, reporter: Reporter, summary: FetchSummary) -> None:
+    for plan, rows in shards_with_rows(planner, read_rows(cfg.tsv, cfg.layout)):
+        asyncio.run(fetch_shard(cfg, plan, rows, reporter.row_done))
+        summary.shards_written.append(plan.shard_id)
 
-    async def main(self) -> None:
-        if self.cfg.processes > 0:
-            self.pool = ProcessPoolExecutor(self.cfg.processes, initializer=init_worker, initargs=(self.cfg.image,))
-        else:
-            init_worker(self.cfg.image, ignore_sigint=False)
-        slots = asyncio.Semaphore(self.cfg.concurrency)
-        tasks: set[asyncio.Task] = set()
+
+def _worker_config(cfg: FetchConfig) -> FetchConfig:
+    """Each worker gets its share of the connection limits."""
+    n = cfg.processes
+    return dataclasses.replace(cfg, concurrency=max(1, cfg.concurrency // n), per_host=max(1, cfg.per_host // n))
+
+
+def _fetch_in_workers(cfg: FetchConfig, planner: Planner, reporter: Reporter, summary: FetchSummary) -> None:
+    # spawn, not fork: the main process runs rich's refresh thread, and forking a
+    # process with threads can copy a held lock into the child
+    ctx = multiprocessing.get_context("spawn")
+    progress = ctx.Queue()
+    worker_cfg = _worker_config(cfg)
+    pending: dict[Future, int] = {}
+
+    def drain(block_s: float) -> None:
+        deadline = time.monotonic() + block_s
+        while True:
+            try:
+                counts, nbytes = progress.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue_module.Empty:
+                return
+            reporter.add_counts(counts, nbytes)
+
+    def collect(done) -> None:
+        for fut in done:
+            shard_id = pending.pop(fut)
+            fut.result()  # a worker's exception (a bug, or Ctrl-C) surfaces here
+            summary.shards_written.append(shard_id)
+
+    with ProcessPoolExecutor(cfg.processes, mp_context=ctx, initializer=init_worker, initargs=(progress,)) as pool:
         try:
-            async with Downloader(self.cfg) as self.downloader:
-                for plan, row in self.planner.work(read_rows(self.cfg.tsv, self.cfg.layout)):
-                    job = self.jobs.get(plan.shard_id) or self._open(plan)
-                    if row is None:
-                        job.closed = True
-                        self._maybe_finish(job)
-                        continue
-                    await slots.acquire()  # backpressure: at most --concurrency rows in flight
-                    job.pending += 1
-                    task = asyncio.create_task(self._row(job, row, slots))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-            for job in self.jobs.values():
-                job.abort()
-            if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def _open(self, plan: ShardPlan) -> ShardJob:
-        job = self.jobs[plan.shard_id] = ShardJob(self.cfg, plan)
-        return job
-
-    def _maybe_finish(self, job: ShardJob) -> None:
-        if job.closed and job.pending == 0 and not job.finished:
-            job.finish()
-            self.summary.shards_written.append(job.shard_id)
-            del self.jobs[job.shard_id]
-
-    async def _row(self, job: ShardJob, row: Row, slots: asyncio.Semaphore) -> None:
-        outcome, nbytes = outcomes.OK, 0
-        try:
-            outcome, nbytes = await self._fetch_row(job, row)
-        finally:
-            slots.release()
-            job.pending -= 1
-        job.bytes_downloaded += nbytes
-        self.reporter.row_done(outcome, nbytes)
-        self._maybe_finish(job)
-
-    async def _fetch_row(self, job: ShardJob, row: Row) -> tuple[str, int]:
-        """Download, process and record one row; returns (outcome, bytes downloaded)."""
-        if self.exclusions.excluded(row.url):
-            job.record_failure(row.index, row.url, outcomes.EXCLUDED, "excluded URL")
-            return outcomes.EXCLUDED, 0
-        assert self.downloader is not None
-        try:
-            download = await self.downloader.get(row.url)
-        except FetchFailure as failure:
-            job.record_failure(row.index, row.url, failure.outcome, failure.detail)
-            return failure.outcome, 0
-        nbytes = len(download.body)
-        if self.pool is not None:
-            result = await asyncio.get_running_loop().run_in_executor(self.pool, process_image, download.body)
-        else:
-            result = process_image(download.body)
-        if result[0] != "ok":
-            job.record_failure(row.index, row.url, result[1], result[2])
-            return result[1], nbytes
-        _, jpeg, width, height, ow, oh = result
-        meta = {
-            "width": width,
-            "height": height,
-            "original_width": ow,
-            "original_height": oh,
-            "bytes": len(jpeg),
-            "downloaded_bytes": nbytes,
-        }
-        if download.url != row.url:
-            meta["final_url"] = download.url
-        job.record_ok(row.index, row.url, row.caption, jpeg, meta)
-        return outcomes.OK, nbytes
+            for plan, rows in shards_with_rows(planner, read_rows(cfg.tsv, cfg.layout)):
+                while len(pending) > cfg.processes:  # one shard queued ahead per worker
+                    drain(0.1)
+                    collect(wait(pending, timeout=0, return_when=FIRST_COMPLETED).done)
+                pending[pool.submit(run_shard, worker_cfg, plan, rows)] = plan.shard_id
+            while pending:
+                drain(0.1)
+                collect(wait(pending, timeout=0, return_when=FIRST_COMPLETED).done)
+            drain(0.3)  # the last batched counts
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise

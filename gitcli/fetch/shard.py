@@ -26,6 +26,20 @@ from gitcli.formats.shards import (
 )
 
 
+def remove_stale_partials(cfg: FetchConfig, shard_id: int) -> None:
+    """Temporary files a killed run left for this shard. Only this shard's: with --part,
+    other machines may be writing other shards into the same folder right now."""
+    name = shard_name(shard_id)
+    for path in cfg.out.glob(f"{name}*.partial"):
+        path.unlink(missing_ok=True)
+    if cfg.output_format == "files":
+        first = shard_id * cfg.shard_size
+        for path in cfg.out.glob("*.jpg.*.partial"):
+            stem = path.name.split(".")[0]
+            if stem.isdigit() and first <= int(stem) < first + cfg.shard_size:
+                path.unlink(missing_ok=True)
+
+
 class ShardJob:
     def __init__(self, cfg: FetchConfig, plan: ShardPlan):
         self.cfg = cfg
@@ -37,6 +51,7 @@ class ShardJob:
         self.bytes_downloaded = 0
         self.started = time.time()
         self.status: dict[int, dict[str, Any]] = {int(s["key"]): s for s in plan.old_status}
+        remove_stale_partials(cfg, self.shard_id)
         if cfg.output_format == "files":
             self.writer: TarShardWriter | FilesShardWriter = FilesShardWriter(cfg.out, self.shard_id)
         else:
