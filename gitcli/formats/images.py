@@ -89,7 +89,7 @@ def normalize_image(data: bytes, s: ImageSettings) -> NormalizedImage:
         if s.mode == "center-crop" and s.resize > 0:
             im = _center_crop(im, ow, oh, s.resize)
         elif im.size != (tw, th):
-            im = im.resize((tw, th), Image.BICUBIC)
+            im = im.resize((tw, th), _filter(im.size, (tw, th)))
         out = io.BytesIO()
         im.save(out, "JPEG", quality=s.jpeg_quality)
     except ImageRejected:
@@ -101,6 +101,12 @@ def normalize_image(data: bytes, s: ImageSettings) -> NormalizedImage:
     return NormalizedImage(out.getvalue(), im.width, im.height, ow, oh)
 
 
+def _filter(size: tuple[int, int], target: tuple[int, int]) -> int:
+    """Area averaging (BOX) to shrink -- what OpenCV's INTER_AREA does, the usual choice
+    for dataset downscaling, and half the cost of bicubic; bicubic to enlarge."""
+    return Image.BOX if target[0] <= size[0] and target[1] <= size[1] else Image.BICUBIC
+
+
 def _center_crop(im: Image.Image, ow: int, oh: int, side: int) -> Image.Image:
     """Shortest side to `side`, then the central square, in one resampling pass.
     The crop box is in the coordinates of the (possibly draft-reduced) decoded image."""
@@ -108,7 +114,7 @@ def _center_crop(im: Image.Image, ow: int, oh: int, side: int) -> Image.Image:
     short = min(w, h)
     left = (w - short) / 2
     top = (h - short) / 2
-    return im.resize((side, side), Image.BICUBIC, box=(left, top, left + short, top + short))
+    return im.resize((side, side), _filter((short, short), (side, side)), box=(left, top, left + short, top + short))
 
 
 def probe_size(data: bytes) -> tuple[int, int] | None:
