@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import multiprocessing
+import os
 import queue as queue_module
+import signal
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -113,7 +115,14 @@ def _fetch_in_workers(cfg: FetchConfig, planner: Planner, reporter: Reporter, su
                 drain(0.1)
                 collect(wait(pending, timeout=0, return_when=FIRST_COMPLETED).done)
             drain(0.3)  # the last batched counts
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
+        except KeyboardInterrupt:
+            # a Ctrl-C in a terminal reaches every process; `kill -INT` only this one:
+            # pass it on so busy workers drop their unfinished shards now instead of
+            # finishing them while shutdown waits
+            for child in multiprocessing.active_children():
+                try:
+                    os.kill(child.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
