@@ -24,6 +24,7 @@ app = typer.Typer(
 
 # (command name, module under gitcli.cli, function name), in the order --help lists them.
 COMMANDS: list[tuple[str, str, str]] = [
+    ("fetch", "fetch", "fetch"),
     ("caption", "caption", "caption"),
     ("ask", "ask", "ask"),
 ]

@@ -1,0 +1,133 @@
+"""What the user sees: a live progress bar while rows stream through, an outcome table at
+the end, and `<out>/stats.json` summing every complete shard of the dataset."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from gitcli.config import write_json
+from gitcli.fetch import outcomes
+from gitcli.formats.shards import complete_shards, read_stats
+
+OVERALL_STATS = "stats.json"
+
+
+class Reporter:
+    """Counts outcomes of this run and drives the progress bar."""
+
+    def __init__(self, console: Console | None, total: int, enabled: bool = True):
+        self.counts: Counter[str] = Counter()
+        self.bytes = 0
+        self.started = time.time()
+        self._console = console or Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("[bold]fetch"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rows"),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=self._console,
+            disable=not enabled,
+            refresh_per_second=4,
+        )
+        self._task = self._progress.add_task("fetch", total=total, stats="")
+        self._last_refresh = 0.0
+
+    def __enter__(self) -> "Reporter":
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._refresh_fields()
+        self._progress.stop()
+
+    def row_done(self, outcome: str, nbytes: int) -> None:
+        self.counts[outcome] += 1
+        self.bytes += nbytes
+        self._progress.advance(self._task)
+        now = time.monotonic()
+        if now - self._last_refresh > 0.25:  # formatting per row would cost more than the row
+            self._last_refresh = now
+            self._refresh_fields()
+
+    def add_counts(self, counts: dict[str, int], nbytes: int) -> None:
+        """Batched counts from a worker process."""
+        self.counts.update(counts)
+        self.bytes += nbytes
+        self._progress.advance(self._task, sum(counts.values()))
+        self._refresh_fields()
+
+    def _refresh_fields(self) -> None:
+        elapsed = max(time.time() - self.started, 1e-6)
+        done = sum(self.counts.values())
+        ok = self.counts.get(outcomes.OK, 0)
+        rate = f"{ok / elapsed:,.0f} img/s · {100 * ok / done if done else 0:.0f}% ok · {self.bytes / elapsed / 1e6:.1f} MB/s"
+        self._progress.update(self._task, stats=rate)
+
+
+def overall_stats(out: Path) -> dict[str, Any]:
+    """Sum of every complete shard's stats in the folder (all parts, all runs)."""
+    counts: Counter[str] = Counter()
+    shards = complete_shards(out)
+    rows = ok = nbytes = 0
+    for shard_id in shards:
+        s = read_stats(out, shard_id)
+        rows += s["rows"]
+        ok += s["ok"]
+        nbytes += s.get("bytes_downloaded", 0)
+        counts.update(s["outcomes"])
+    return {
+        "shards": len(shards),
+        "rows": rows,
+        "ok": ok,
+        "failed": rows - ok,
+        "success_rate": round(ok / rows, 4) if rows else 0.0,
+        "outcomes": dict(counts.most_common()),
+        "bytes_downloaded": nbytes,
+    }
+
+
+def write_overall_stats(out: Path) -> dict[str, Any]:
+    stats = overall_stats(out)
+    write_json(Path(out) / OVERALL_STATS, stats)
+    return stats
+
+
+_DESCRIPTIONS = {
+    outcomes.OK: "downloaded and stored",
+    outcomes.TIMEOUT: "no answer within --timeout",
+    outcomes.CONNECTION_ERROR: "connection refused/reset",
+    outcomes.DNS_ERROR: "name does not resolve",
+    outcomes.BLOCKED_ADDRESS: "non-public address (see --allow-address)",
+    outcomes.BAD_URL: "not an http(s) URL",
+    outcomes.EXCLUDED: "on the exclusion list",
+    outcomes.OPTED_OUT: "X-Robots-Tag opt-out",
+    outcomes.TOO_LARGE: "body over --max-bytes",
+    outcomes.TOO_MANY_PIXELS: "dimensions over the pixel limit",
+    outcomes.NOT_AN_IMAGE: "not an image (e.g. an HTML page)",
+    outcomes.DECODE_ERROR: "corrupt or truncated image",
+    outcomes.TOO_MANY_REDIRECTS: "redirect loop",
+}
+
+
+def outcome_table(counts: Counter[str] | dict[str, int], title: str) -> Table:
+    total = sum(counts.values())
+    table = Table(title=title)
+    table.add_column("outcome")
+    table.add_column("rows", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("meaning")
+    for name, n in sorted(counts.items(), key=lambda kv: (kv[0] != outcomes.OK, -kv[1])):
+        meaning = _DESCRIPTIONS.get(name, "HTTP status " + name[5:] if name.startswith("http_") else "")
+        if name.startswith("http_") and outcomes.is_transient(name):
+            meaning += " (transient: --retry-failed)"
+        table.add_row(name, f"{n:,}", f"{100 * n / total:.1f}%" if total else "-", meaning)
+    return table

@@ -1,0 +1,128 @@
+"""The orchestration: the TSV streams past, rows are grouped into the shards this run
+must fetch (plan.py), and whole shards are dealt to `--processes` worker processes
+(worker.py), at most one queued shard per worker ahead, so memory stays bounded whatever
+the TSV size. The main process only plans, shows progress and sums up.
+
+Ctrl-C: every process gets SIGINT; workers drop the temporary files of their unfinished
+shards, finished shards are final; `gitcap fetch` exits 130.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import multiprocessing
+import os
+import queue as queue_module
+import signal
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+
+from gitcli.fetch import outcomes
+from gitcli.fetch.config import FetchConfig
+from gitcli.fetch.plan import Planner, shards_with_rows
+from gitcli.fetch.report import Reporter, write_overall_stats
+from gitcli.fetch.shard_fetch import fetch_shard
+from gitcli.fetch.worker import init_worker, run_shard
+from gitcli.formats.cc import read_rows
+
+
+@dataclass
+class FetchSummary:
+    outcomes: Counter = field(default_factory=Counter)  # this run's rows by outcome
+    shards_written: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    bytes_downloaded: int = 0
+    overall: dict[str, Any] = field(default_factory=dict)  # every complete shard in --out
+
+    @property
+    def rows(self) -> int:
+        return sum(self.outcomes.values())
+
+    @property
+    def ok(self) -> int:
+        return self.outcomes.get(outcomes.OK, 0)
+
+
+def fetch(cfg: FetchConfig, console: Console | None = None) -> FetchSummary:
+    """Fetch every row of `cfg.tsv` that this run is responsible for (see plan.py)."""
+    cfg.validate()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    planner = Planner(cfg)
+    total = planner.count(read_rows(cfg.tsv, cfg.layout))
+    summary = FetchSummary()
+    started = time.time()
+    with Reporter(console, total, enabled=cfg.progress) as reporter:
+        if cfg.processes == 0:
+            _fetch_in_process(cfg, planner, reporter, summary)
+        else:
+            _fetch_in_workers(cfg, planner, reporter, summary)
+    summary.outcomes = reporter.counts
+    summary.bytes_downloaded = reporter.bytes
+    summary.seconds = time.time() - started
+    summary.overall = write_overall_stats(cfg.out)
+    return summary
+
+
+def _fetch_in_process(cfg: FetchConfig, planner: Planner, reporter: Reporter, summary: FetchSummary) -> None:
+    for plan, rows in shards_with_rows(planner, read_rows(cfg.tsv, cfg.layout)):
+        asyncio.run(fetch_shard(cfg, plan, rows, reporter.row_done))
+        summary.shards_written.append(plan.shard_id)
+
+
+def _worker_config(cfg: FetchConfig) -> FetchConfig:
+    """Each worker gets its share of the connection limits."""
+    n = cfg.processes
+    return dataclasses.replace(cfg, concurrency=max(1, cfg.concurrency // n), per_host=max(1, cfg.per_host // n))
+
+
+def _fetch_in_workers(cfg: FetchConfig, planner: Planner, reporter: Reporter, summary: FetchSummary) -> None:
+    # spawn, not fork: the main process runs rich's refresh thread, and forking a
+    # process with threads can copy a held lock into the child
+    ctx = multiprocessing.get_context("spawn")
+    progress = ctx.Queue()
+    worker_cfg = _worker_config(cfg)
+    pending: dict[Future, int] = {}
+
+    def drain(block_s: float) -> None:
+        deadline = time.monotonic() + block_s
+        while True:
+            try:
+                counts, nbytes = progress.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue_module.Empty:
+                return
+            reporter.add_counts(counts, nbytes)
+
+    def collect(done) -> None:
+        for fut in done:
+            shard_id = pending.pop(fut)
+            fut.result()  # a worker's exception (a bug, or Ctrl-C) surfaces here
+            summary.shards_written.append(shard_id)
+
+    with ProcessPoolExecutor(cfg.processes, mp_context=ctx, initializer=init_worker, initargs=(progress,)) as pool:
+        try:
+            for plan, rows in shards_with_rows(planner, read_rows(cfg.tsv, cfg.layout)):
+                while len(pending) > cfg.processes:  # one shard queued ahead per worker
+                    drain(0.1)
+                    collect(wait(pending, timeout=0, return_when=FIRST_COMPLETED).done)
+                pending[pool.submit(run_shard, worker_cfg, plan, rows)] = plan.shard_id
+            while pending:
+                drain(0.1)
+                collect(wait(pending, timeout=0, return_when=FIRST_COMPLETED).done)
+            drain(0.3)  # the last batched counts
+        except KeyboardInterrupt:
+            # a Ctrl-C in a terminal reaches every process; `kill -INT` only this one:
+            # pass it on so busy workers drop their unfinished shards now instead of
+            # finishing them while shutdown waits
+            for child in multiprocessing.active_children():
+                try:
+                    os.kill(child.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise

@@ -1,0 +1,204 @@
+"""Resume after SIGKILL, --retry-failed, --part, --format files, and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from test_fetch_support import LoopbackServer, image_bytes, status_by_key, write_tsv
+
+from gitcli.fetch import FetchConfig, fetch
+from gitcli.formats.images import ImageSettings
+from gitcli.formats.shards import complete_shards, iter_samples, read_stats
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def server():
+    s = LoopbackServer("127.0.0.1")
+    yield s
+    s.close()
+
+
+def config(tmp_path: Path, tsv: Path, **options) -> FetchConfig:
+    opts = dict(allow_addresses=("127.0.0.1",), processes=0, retries=0, retry_backoff=0.01,
+                timeout=5.0, progress=False, shard_size=4)
+    opts.update(options)
+    return FetchConfig(tsv=tsv, out=tmp_path / "out", **opts)
+
+
+def check_dataset(out: Path, n_rows: int, shard_size: int = 4) -> None:
+    """Every row recorded exactly once, every tar valid, stats add up."""
+    status = status_by_key(out)  # asserts no key twice
+    assert sorted(status) == [f"{i:09d}" for i in range(n_rows)]
+    overall_ok = 0
+    for shard in complete_shards(out):
+        stats = read_stats(out, shard)
+        with tarfile.open(out / f"{shard:05d}.tar") as tar:
+            names = tar.getnames()
+        keys = sorted({n.split(".")[0] for n in names})
+        assert len(names) == 3 * len(keys)  # jpg, txt, json for each key
+        ok_keys = sorted(k for k, s in status.items() if s["outcome"] == "ok" and int(k) // shard_size == shard)
+        assert keys == ok_keys
+        assert stats["ok"] == len(keys)
+        assert sum(stats["outcomes"].values()) == stats["rows"]
+        overall_ok += stats["ok"]
+    assert not list(out.glob("*.partial"))
+    overall = json.loads((out / "stats.json").read_text())
+    assert overall["rows"] == n_rows and overall["ok"] == overall_ok
+
+
+def test_sigkill_mid_run_then_rerun_accounts_for_every_row_once(server, tmp_path):
+    jpg = image_bytes()
+    gate = threading.Event()  # rows >= 8 hang until the second run
+
+    async def image(request, n):
+        if int(request.match_info.get("tail", "0").split("/")[-1].split(".")[0]) >= 8:
+            import asyncio
+            while not gate.is_set():
+                await asyncio.sleep(0.02)
+        return web.Response(body=jpg, content_type="image/jpeg")
+
+    rows = []
+    for i in range(14):
+        path = f"/img/{i}.jpg"
+        server.add(path, image)
+        rows.append((f"row {i}", server.url(path) if i != 5 else server.url("/missing.jpg")))
+    tsv = write_tsv(tmp_path / "rows.tsv", rows)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "gitcli", "fetch", str(tsv), "--out", str(out), "--shard-size", "4",
+           "--allow-address", "127.0.0.1", "--processes", "2", "--concurrency", "4", "--retries", "0",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while complete_shards(out) != [0, 1] and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    assert complete_shards(out) == [0, 1]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "00002_stats.json").exists()  # shards 2 and 3 were cut short
+    first_hits = {i: server.hits[f"/img/{i}.jpg"] for i in range(8)}
+    assert all(n == 1 for i, n in first_hits.items() if i != 5)
+
+    gate.set()
+    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert rerun.returncode == 0, rerun.stderr
+    assert complete_shards(out) == [0, 1, 2, 3]
+    # complete shards were not fetched again
+    assert {i: server.hits[f"/img/{i}.jpg"] for i in range(8)} == first_hits
+    check_dataset(out, 14)
+    status = status_by_key(out)
+    assert status["000000005"]["outcome"] == "http_404"
+    assert sum(1 for s in iter_samples(out)) == 13
+
+
+def test_rerun_of_a_finished_dataset_requests_nothing(server, tmp_path):
+    url = server.add_bytes("/a.jpg", image_bytes())
+    tsv = write_tsv(tmp_path / "rows.tsv", [("a", url)] * 6)
+    fetch(config(tmp_path, tsv))
+    assert server.hits["/a.jpg"] == 6
+    summary = fetch(config(tmp_path, tsv))
+    assert server.hits["/a.jpg"] == 6 and summary.rows == 0
+    check_dataset(tmp_path / "out", 6)
+
+
+def test_retry_failed_refetches_only_transient_failures(server, tmp_path):
+    jpg = image_bytes()
+    healthy = threading.Event()
+
+    async def sometimes(request, n):
+        if not healthy.is_set():
+            return web.Response(status=503)
+        return web.Response(body=jpg, content_type="image/jpeg")
+
+    rows = [("ok", server.add_bytes("/ok.jpg", jpg)), ("flaky", server.add("/flaky.jpg", sometimes)),
+            ("gone", server.url("/gone.jpg")), ("ok2", server.add_bytes("/ok2.jpg", jpg)),
+            ("flaky2", server.add("/flaky2.jpg", sometimes))]
+    tsv = write_tsv(tmp_path / "rows.tsv", rows)
+    fetch(config(tmp_path, tsv))
+    out = tmp_path / "out"
+    before = status_by_key(out)
+    assert [before[f"{i:09d}"]["outcome"] for i in range(5)] == ["ok", "http_503", "http_404", "ok", "http_503"]
+
+    healthy.set()
+    hits = dict(server.hits)
+    summary = fetch(config(tmp_path, tsv, retry_failed=True))
+    assert summary.rows == 2  # only the two 503 rows
+    assert server.hits["/gone.jpg"] == hits["/gone.jpg"] and server.hits["/ok.jpg"] == hits["/ok.jpg"]
+    after = status_by_key(out)
+    assert [after[f"{i:09d}"]["outcome"] for i in range(5)] == ["ok", "ok", "http_404", "ok", "ok"]
+    assert sorted(s.key for s in iter_samples(out)) == ["000000000", "000000001", "000000003", "000000004"]
+    check_dataset(out, 5)
+    assert read_stats(out, 0)["ok"] == 3 and read_stats(out, 0)["retried_rows"] == 1
+
+
+def test_parts_split_whole_shards_without_overlap(server, tmp_path):
+    url = server.add_bytes("/p.jpg", image_bytes())
+    tsv = write_tsv(tmp_path / "rows.tsv", [("p", url)] * 18)  # shards 0..4 of size 4
+    seen = []
+    for i in (1, 2, 3):
+        fetch(config(tmp_path, tsv, part=(i, 3)))
+        now = complete_shards(tmp_path / "out")
+        seen.append(sorted(set(now) - {s for part in seen for s in part}))
+    assert seen == [[0, 3], [1, 4], [2]]
+    assert server.hits["/p.jpg"] == 18
+    check_dataset(tmp_path / "out", 18)
+
+
+def test_files_format_writes_numbered_jpegs_with_status_and_stats(server, tmp_path):
+    url = server.add_bytes("/f.jpg", image_bytes("PNG", (300, 200)), "image/png")
+    tsv = write_tsv(tmp_path / "rows.tsv", [("f", url), ("missing", server.url("/nope")), ("f", url)])
+    fetch(config(tmp_path, tsv, output_format="files", shard_size=2, image=ImageSettings(resize=50)))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["00000000.jpg", "00000002.jpg"]
+    assert not list(out.glob("*.tar"))
+    assert complete_shards(out) == [0, 1]
+    assert read_stats(out, 0)["ok"] == 1 and read_stats(out, 1)["ok"] == 1
+    assert len(status_by_key(out)) == 3
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gitcli", "fetch", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["does-not-exist.tsv", "--out", "o"], "TSV not found"),
+    (["{tsv}", "--out", "o", "--part", "3/2"], "--part"),
+    (["{tsv}", "--out", "o", "--part", "x"], "I/N"),
+    (["{tsv}", "--out", "o", "--allow-address", "not-an-ip"], "not an IP address"),
+    (["{tsv}", "--out", "o", "--format", "zip"], "--format"),
+    (["{tsv}", "--out", "o", "--url-column", "url"], "--header"),
+])
+def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
+    tsv = write_tsv(tmp_path / "rows.tsv", [("a", "http://example.invalid/a.jpg")])
+    result = cli(*[a.replace("{tsv}", str(tsv)) if a == "{tsv}" else (str(tmp_path / a) if a == "o" else a) for a in args])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_has_an_example():
+    result = cli("--help")
+    assert result.returncode == 0 and "Example" in result.stdout and "--out" in result.stdout
+
+
+def test_fetch_is_a_torch_free_leaf():
+    code = ("import sys, gitcli.fetch, gitcli.cli.fetch; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') or "
+            "(m.startswith('gitcli.') and not m.startswith(('gitcli.fetch', 'gitcli.formats', 'gitcli.config', "
+            "'gitcli.errors', 'gitcli.cli')))]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
