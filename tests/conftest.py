@@ -10,6 +10,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 
+def pytest_configure(config):
+    # pytest-xdist runs one test process per core; one intra-op thread each avoids
+    # oversubscribing the cores (OpenMP spin-waits make that several times slower).
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -24,7 +24,9 @@ app = typer.Typer(
 
 # (command name, module under gitcli.cli, function name), in the order --help lists them.
 COMMANDS: list[tuple[str, str, str]] = [
+    ("demo", "demo", "demo"),
     ("fetch", "fetch", "fetch"),
+    ("train", "train", "train"),
     ("caption", "caption", "caption"),
     ("ask", "ask", "ask"),
 ]

@@ -12,10 +12,13 @@ SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
-    """Defaults of the tiny preset: GIT-style patch grid through a linear+LayerNorm map."""
+    """Defaults of the tiny preset: GIT-style patch grid through a linear+LayerNorm map.
+
+    Nothing of it is pretrained, so by default everything trains: tower, mapping and LM.
+    """
     fields = dict(
         vision=TINY_VISION, vision_pretrained=None, grid=True, mapping="linear-ln",
-        lm=TINY_LM, preset="tiny", caption_prompt="",
+        lm=TINY_LM, preset="tiny", caption_prompt="", train_vision=True, train_lm=True,
     )
     fields.update(overrides)
     return ModelConfig(**fields)

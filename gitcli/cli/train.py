@@ -1,0 +1,88 @@
+"""`gitcap train`: train the mapping (and optionally tower / LoRA / LM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gitcli.cli.common import BatchSizeOpt, DeviceOpt, DtypeOpt, PrecisionOpt, PresetOpt, SeedOpt, console, user_errors
+from gitcli.cli.model_options import (GridOpt, Int8Opt, LmOpt, MappingOpt, PrefixLengthOpt, VisionOpt,
+                                      VisionPretrainedOpt, model_config_from_options)
+
+
+@user_errors
+def train(
+    data: Annotated[str, typer.Option("--data", help="synthetic, a CC TSV (with --image-root), ...")] = "synthetic",
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Run directory.")] = Path("runs/gitcap"),
+    preset: PresetOpt = None,
+    vision: VisionOpt = "ViT-B-32",
+    vision_pretrained: VisionPretrainedOpt = "openai",
+    lm: LmOpt = "gpt2",
+    mapping: MappingOpt = "mlp",
+    prefix_length: PrefixLengthOpt = 10,
+    grid: GridOpt = False,
+    int8: Int8Opt = False,
+    dtype: DtypeOpt = "auto",
+    precision: PrecisionOpt = None,
+    train_vision: Annotated[bool, typer.Option("--train-vision", help="Train the vision tower too.")] = False,
+    lora: Annotated[int, typer.Option("--lora", min=0, help="LoRA rank on the LM (0 = none).")] = 0,
+    train_lm: Annotated[bool, typer.Option("--train-lm", help="Fully tune the LM.")] = False,
+    init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Start from a trained checkpoint.")] = None,
+    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="CC TSV: folder of %08d.jpg images.")] = None,
+    synthetic_size: Annotated[int, typer.Option("--synthetic-size", min=1, help="Scenes in the synthetic set.")] = 2000,
+    task: Annotated[str, typer.Option("--task", help="synthetic data: captions, vqa or both.")] = "both",
+    val_data: Annotated[Optional[str], typer.Option("--val-data", help="Validation source (synthetic = a held-out synthetic set).")] = None,
+    val_samples: Annotated[int, typer.Option("--val-samples", min=1, help="Validation items scored at each save.")] = 200,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 1,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")] = None,
+    batch_size: BatchSizeOpt = 32,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1)] = 1,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-4,
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", min=0)] = 0,
+    schedule: Annotated[str, typer.Option("--schedule", help="cosine, linear or constant after warm-up.")] = "cosine",
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 0.0,
+    clip_grad: Annotated[float, typer.Option("--clip-grad", min=0.0, help="Max gradient norm (0 = off).")] = 1.0,
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing")] = False,
+    save_every: Annotated[int, typer.Option("--save-every", min=1)] = 1000,
+    keep_last: Annotated[int, typer.Option("--keep-last", min=1)] = 2,
+    log_every: Annotated[int, typer.Option("--log-every", min=1)] = 10,
+    num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="DataLoader worker processes.")] = 2,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its latest checkpoint.")] = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+) -> None:
+    """Train a captioner on shards, a CC TSV or synthetic data; resumable.
+
+    Example: gitcap train --data synthetic --preset tiny --max-steps 300 --output-dir runs/tiny
+    """
+    from gitcli.config import DataConfig, TrainConfig
+    from gitcli.train.loop import train as run_training
+    from gitcli.train.validate import make_validator
+
+    model_cfg = model_config_from_options(
+        preset=preset, vision=vision, vision_pretrained=vision_pretrained, lm=lm, mapping=mapping,
+        prefix_length=prefix_length, grid=grid, int8=int8, dtype=dtype, train_vision=train_vision, lora=lora,
+        train_lm=train_lm)
+    data_cfg = DataConfig(source=data, synthetic_size=synthetic_size, image_root=str(image_root) if image_root else None,
+                          task=task, num_workers=num_workers)
+    train_cfg = TrainConfig(
+        output_dir=str(output_dir), epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+        lr=lr, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
+        clip_grad=clip_grad or None, grad_checkpointing=grad_checkpointing, seed=seed, device=device,
+        precision=precision, save_every=save_every, keep_last=keep_last, log_every=log_every, val_data=val_data,
+        val_samples=val_samples, resume=resume, init_from=str(init_from) if init_from else None)
+    validator = make_validator(val_data, val_samples, data_cfg) if val_data else None
+    result = run_training(model_cfg, data_cfg, train_cfg, validator=validator)
+    from rich.table import Table
+
+    table = Table(title="training summary", show_header=False)
+    table.add_row("steps", str(result.steps))
+    table.add_row("final loss", f"{result.losses[-1]:.4f}" if result.losses else "-")
+    table.add_row("samples/s", f"{result.samples_per_second:.1f}")
+    table.add_row("skipped images", str(result.skipped_images))
+    table.add_row("non-finite steps", str(result.nonfinite_steps))
+    table.add_row("best score", f"{result.best_score:.4f}" if result.best_score is not None else "-")
+    table.add_row("checkpoint", str(result.last_checkpoint or "-"))
+    console.print(table)

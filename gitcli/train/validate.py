@@ -1,0 +1,113 @@
+"""Validation: loss, and the task's score from generated outputs (CIDEr, VQA accuracy).
+
+One implementation serves `train --val-data` (choosing `best/`) and the demo's
+trained-versus-untrained table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from gitcli.config import GenerationConfig
+from gitcli.data.datasets import Record
+from gitcli.data.text import encode_pair, pad_right, prompt_text
+from gitcli.dist import autocast
+from gitcli.generate import generate
+
+
+@dataclass
+class Evaluation:
+    loss: float | None = None
+    cider: float | None = None  # over caption records
+    vqa_accuracy: float | None = None  # exact match after VQA answer normalisation
+    examples: list[dict] = field(default_factory=list)
+    captions: int = 0
+    questions: int = 0
+
+    @property
+    def score(self) -> float | None:
+        """What `best/` is chosen by: CIDEr when there are captions, else VQA accuracy."""
+        return self.cider if self.cider is not None else self.vqa_accuracy
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "CIDEr": self.cider, "vqa_accuracy": self.vqa_accuracy, "score": self.score,
+                "captions": self.captions, "questions": self.questions, "examples": self.examples[:4]}
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@torch.no_grad()
+def evaluate_records(model, records: list[Record], load_image, references: dict[str, list[str]] | None = None,
+                     *, batch_size: int = 64, precision: str = "fp32", gen: GenerationConfig | None = None,
+                     with_loss: bool = True) -> Evaluation:
+    """Generate for every record and score: captions by CIDEr against `references[key]`
+    (default: the record's own target), answers by normalised exact match."""
+    from gitcli.evaluate.captions import score_captions
+    from gitcli.evaluate.vqa import exact_match_accuracy
+
+    gen = gen or GenerationConfig(max_new_tokens=24)
+    device = model.device
+    transform = model.image_transform()
+    was_training = model.training
+    model.eval()
+    cap_out: dict[str, str] = {}
+    cap_refs: dict[str, list[str]] = {}
+    preds, answers, examples = [], [], []
+    loss_sum, loss_n = 0.0, 0
+    for chunk in _batches(records, batch_size):
+        pixels = torch.stack([transform(load_image(r.image)) for r in chunk]).to(device)
+        prompts = [prompt_text(model.config, r.question) for r in chunk]
+        with autocast(precision, device):
+            prefix = model.image_prefix(pixels)
+            if with_loss:
+                rows = [encode_pair(model.tokenizer, p, r.target) for p, r in zip(prompts, chunk)]
+                batch = pad_right([x[0] for x in rows], [x[1] for x in rows], model.tokenizer.pad_token_id)
+                loss, _ = model(None, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                batch["labels"].to(device), prefix=prefix)
+                loss_sum += float(loss) * len(chunk)
+                loss_n += len(chunk)
+            outs = generate(model, pixels, prompts, gen, prefix=prefix)
+        for rec, out in zip(chunk, outs):
+            if rec.question is None:
+                key = rec.key or str(len(cap_out))
+                cap_out[key] = out.text
+                cap_refs[key] = (references or {}).get(key, [rec.target])
+            else:
+                preds.append(out.text)
+                answers.append(rec.target)
+            if len(examples) < 8:
+                examples.append({"question": rec.question, "target": rec.target, "output": out.text})
+    model.train(was_training)
+    result = Evaluation(loss=loss_sum / loss_n if loss_n else None, examples=examples,
+                        captions=len(cap_out), questions=len(preds))
+    if cap_out:
+        result.cider = score_captions(cap_out, cap_refs, ("CIDEr",))["CIDEr"]
+    if preds:
+        result.vqa_accuracy = exact_match_accuracy(preds, answers)
+    return result
+
+
+def make_validator(source: str, samples: int, train_data) -> "Callable":
+    """A validator for `train --val-data`: a held-out synthetic set (its own seed)."""
+    from gitcli.data.sources import SyntheticImages, synthetic_records
+    from gitcli.data.synthetic import make_scene
+    from gitcli.errors import GitcapError
+
+    if source != "synthetic":
+        raise GitcapError("--val-data currently takes: synthetic (a held-out synthetic set)")
+    seed = train_data.synthetic_seed + 1_000_003  # never the training scenes
+    scenes = max(1, samples // 8)
+    records = synthetic_records(scenes, seed, train_data.task)[:samples]
+    refs = {str(i): make_scene(seed, i).captions for i in range(scenes)}
+    loader = SyntheticImages(seed)
+
+    def validator(model, step: int) -> dict:
+        return evaluate_records(model, records, loader, refs).as_dict()
+
+    return validator
