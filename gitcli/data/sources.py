@@ -28,6 +28,48 @@ class FileImages:
         return open_rgb(path)
 
 
+class TarMemberImages:
+    """Reads one member of a tar shard by its byte offset: random access, no extraction."""
+
+    def __call__(self, ref: tuple[str, int, int]):
+        path, offset, size = ref
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read(size)
+        except OSError as exc:
+            raise GitcapError(f"cannot read {path}: {exc}") from None
+        return open_rgb(data, name=f"{path}@{offset}")
+
+
+def shard_records(source: str) -> list[Record]:
+    """Index the tar shards `gitcap fetch` writes: each image's offset, and its caption."""
+    import tarfile
+
+    from gitcli.formats.shards import shard_paths
+
+    records = []
+    for path in shard_paths(source):
+        images: dict[str, tuple[int, int]] = {}
+        captions: dict[str, str] = {}
+        try:
+            with tarfile.open(path, "r") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.rpartition("/")[2].partition(".")
+                    if ext == "jpg":
+                        images[key] = (member.offset_data, member.size)
+                    elif ext == "txt":
+                        captions[key] = tar.extractfile(member).read().decode("utf-8").strip()
+        except (OSError, tarfile.TarError) as exc:
+            raise GitcapError(f"cannot read shard {path}: {exc}") from None
+        for key, (offset, size) in images.items():
+            if captions.get(key):
+                records.append(Record((str(path), offset, size), None, captions[key], key=key))
+    return records
+
+
 def synthetic_records(size: int, seed: int, task: str) -> list[Record]:
     """Each scene gives its canonical caption and/or all its question/answer pairs."""
     if task not in ("captions", "vqa", "both"):
@@ -75,6 +117,8 @@ def build_source(cfg: DataConfig):
     if src == "synthetic":
         return synthetic_records(cfg.synthetic_size, cfg.synthetic_seed, cfg.task), SyntheticImages(cfg.synthetic_seed), {}
     path = Path(src)
+    if path.suffix == ".tar" or path.is_dir() or "{" in src:
+        return shard_records(src), TarMemberImages(), {}
     if path.suffix in (".tsv", ".gz") and cfg.image_root:
         records, missing = cc_tsv_records(path, Path(cfg.image_root))
         return records, FileImages(), {"missing images": missing}
