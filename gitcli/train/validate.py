@@ -6,6 +6,7 @@ trained-versus-untrained table.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -45,52 +46,69 @@ def _batches(items: list, size: int):
 @torch.no_grad()
 def evaluate_records(model, records: list[Record], load_image, references: dict[str, list[str]] | None = None,
                      *, batch_size: int = 64, precision: str = "fp32", gen: GenerationConfig | None = None,
-                     with_loss: bool = True) -> Evaluation:
+                     answer_tokens: int = 8, with_loss: bool = True) -> Evaluation:
     """Generate for every record and score: captions by CIDEr against `references[key]`
-    (default: the record's own target), answers by normalised exact match."""
+    (default: the record's own target), answers by normalised exact match.
+
+    Captions and questions are batched apart, and answers (short by nature) decode at
+    most `answer_tokens` tokens, so neither waits for the other's length.
+    """
     from gitcli.evaluate.captions import score_captions
     from gitcli.evaluate.vqa import exact_match_accuracy
 
     gen = gen or GenerationConfig(max_new_tokens=24)
-    device = model.device
-    transform = model.image_transform()
+    answer_gen = dataclasses.replace(gen, max_new_tokens=min(gen.max_new_tokens, answer_tokens))
     was_training = model.training
     model.eval()
+    result = Evaluation()
     cap_out: dict[str, str] = {}
     cap_refs: dict[str, list[str]] = {}
-    preds, answers, examples = [], [], []
+    preds, answers = [], []
     loss_sum, loss_n = 0.0, 0
-    for chunk in _batches(records, batch_size):
-        pixels = torch.stack([transform(load_image(r.image)) for r in chunk]).to(device)
-        prompts = [prompt_text(model.config, r.question) for r in chunk]
-        with autocast(precision, device):
-            prefix = model.image_prefix(pixels)
-            if with_loss:
-                rows = [encode_pair(model.tokenizer, p, r.target) for p, r in zip(prompts, chunk)]
-                batch = pad_right([x[0] for x in rows], [x[1] for x in rows], model.tokenizer.pad_token_id)
-                loss, _ = model(None, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                batch["labels"].to(device), prefix=prefix)
-                loss_sum += float(loss) * len(chunk)
-                loss_n += len(chunk)
-            outs = generate(model, pixels, prompts, gen, prefix=prefix)
-        for rec, out in zip(chunk, outs):
-            if rec.question is None:
-                key = rec.key or str(len(cap_out))
-                cap_out[key] = out.text
-                cap_refs[key] = (references or {}).get(key, [rec.target])
-            else:
-                preds.append(out.text)
-                answers.append(rec.target)
-            if len(examples) < 8:
-                examples.append({"question": rec.question, "target": rec.target, "output": out.text})
+    captions = [r for r in records if r.question is None]
+    questions = [r for r in records if r.question is not None]
+    for group, group_gen in ((captions, gen), (questions, answer_gen)):
+        for chunk in _batches(group, batch_size):
+            outs, loss = _decode(model, chunk, load_image, group_gen, precision, with_loss)
+            if loss is not None:
+                loss_sum, loss_n = loss_sum + loss * len(chunk), loss_n + len(chunk)
+            for rec, out in zip(chunk, outs):
+                if rec.question is None:
+                    key = rec.key or str(len(cap_out))
+                    cap_out[key] = out.text
+                    cap_refs[key] = (references or {}).get(key, [rec.target])
+                else:
+                    preds.append(out.text)
+                    answers.append(rec.target)
+                shown = [e for e in result.examples if (e["question"] is None) == (rec.question is None)]
+                if len(shown) < 3:  # a few of each kind
+                    result.examples.append({"question": rec.question, "target": rec.target, "output": out.text})
     model.train(was_training)
-    result = Evaluation(loss=loss_sum / loss_n if loss_n else None, examples=examples,
-                        captions=len(cap_out), questions=len(preds))
+    result.loss = loss_sum / loss_n if loss_n else None
+    result.captions, result.questions = len(cap_out), len(preds)
     if cap_out:
         result.cider = score_captions(cap_out, cap_refs, ("CIDEr",))["CIDEr"]
     if preds:
         result.vqa_accuracy = exact_match_accuracy(preds, answers)
     return result
+
+
+def _decode(model, chunk: list[Record], load_image, gen: GenerationConfig, precision: str, with_loss: bool):
+    """One batch: (generations, mean loss or None)."""
+    device = model.device
+    transform = model.image_transform()
+    pixels = torch.stack([transform(load_image(r.image)) for r in chunk]).to(device)
+    prompts = [prompt_text(model.config, r.question) for r in chunk]
+    loss = None
+    with autocast(precision, device):
+        prefix = model.image_prefix(pixels)
+        if with_loss:
+            rows = [encode_pair(model.tokenizer, p, r.target) for p, r in zip(prompts, chunk)]
+            batch = pad_right([x[0] for x in rows], [x[1] for x in rows], model.tokenizer.pad_token_id)
+            loss = float(model(None, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                               batch["labels"].to(device), prefix=prefix)[0])
+        outs = generate(model, pixels, prompts, gen, prefix=prefix)
+    return outs, loss
 
 
 def make_validator(source: str, samples: int, train_data) -> "Callable":
