@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# VQAv2: fine-tune a CC3M-pretrained checkpoint on train2014 questions, check accuracy on
+# val2014, and write the EvalAI submission for test-dev.
+# Needs: a GPU, the pretrained weights (internet or a local copy), the official VQAv2 files.
+set -euo pipefail
+VQA=${VQA:-vqa}            # v2_OpenEnded_mscoco_*_questions.json, v2_mscoco_*_annotations.json
+COCO=${COCO:-coco}         # train2014/ val2014/ test2015/ image folders
+INIT=${INIT:-runs/cc3m}
+
+gitcap train --init-from "$INIT" --data "$VQA/v2_OpenEnded_mscoco_train2014_questions.json" \
+    --questions "$VQA/v2_OpenEnded_mscoco_train2014_questions.json" \
+    --annotations "$VQA/v2_mscoco_train2014_annotations.json" --image-root "$COCO/train2014" \
+    --lora 16 --batch-size 32 --lr 1e-4 --epochs 3 --output-dir runs/vqa
+
+gitcap tsv images "$COCO/val2014" --out data/vqa/val.img.tsv
+gitcap tsv questions "$VQA/v2_OpenEnded_mscoco_val2014_questions.json" --images data/vqa/val.img.tsv \
+    --out data/vqa/val.question.tsv
+gitcap infer-tsv --images data/vqa/val.img.tsv --questions data/vqa/val.question.tsv \
+    --checkpoint runs/vqa --out results/vqa-val.tsv
+gitcap score-vqa --results results/vqa-val.tsv --annotations "$VQA/v2_mscoco_val2014_annotations.json" \
+    --questions "$VQA/v2_OpenEnded_mscoco_val2014_questions.json"
+
+gitcap tsv images "$COCO/test2015" --out data/vqa/test.img.tsv
+gitcap tsv questions "$VQA/v2_OpenEnded_mscoco_test-dev2015_questions.json" --images data/vqa/test.img.tsv \
+    --out data/vqa/test-dev.question.tsv
+gitcap infer-tsv --images data/vqa/test.img.tsv --questions data/vqa/test-dev.question.tsv \
+    --checkpoint runs/vqa --out results/vqa-test-dev.tsv
+gitcap vqa-json --results results/vqa-test-dev.tsv \
+    --questions "$VQA/v2_OpenEnded_mscoco_test-dev2015_questions.json" --out results/vqa_test-dev_submission.json
