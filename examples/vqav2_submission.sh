@@ -7,9 +7,9 @@ VQA=${VQA:-vqa}            # v2_OpenEnded_mscoco_*_questions.json, v2_mscoco_*_a
 COCO=${COCO:-coco}         # train2014/ val2014/ test2015/ image folders
 INIT=${INIT:-runs/cc3m}
 
-gitcap train --init-from "$INIT" --data "$VQA/v2_OpenEnded_mscoco_train2014_questions.json" \
+gitcap train --init-from "$INIT" --data "$COCO/train2014" \
     --questions "$VQA/v2_OpenEnded_mscoco_train2014_questions.json" \
-    --annotations "$VQA/v2_mscoco_train2014_annotations.json" --image-root "$COCO/train2014" \
+    --annotations "$VQA/v2_mscoco_train2014_annotations.json" \
     --lora 16 --batch-size 32 --lr 1e-4 --epochs 3 --output-dir runs/vqa
 
 gitcap tsv images "$COCO/val2014" --out data/vqa/val.img.tsv

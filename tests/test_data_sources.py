@@ -88,3 +88,74 @@ def test_synthetic_source_mixes_captions_and_questions():
     assert sum(r.question is not None for r in records) > 10
     vqa_only, _, _ = build_source(DataConfig(source="synthetic", synthetic_size=5, task="vqa"))
     assert all(r.question for r in vqa_only)
+
+
+def _write_image_tsv(path, keyed_images):
+    import base64
+
+    lines = [f"{key}\t{base64.b64encode(_jpeg(im) if not isinstance(im, bytes) else im).decode()}"
+             for key, im in keyed_images]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_git_image_tsv_with_captions(tmp_path, scenes):
+    import json
+
+    images = tmp_path / "train.img.tsv"
+    _write_image_tsv(images, [(str(100 + i), s.image) for i, s in enumerate(scenes[:4])])
+    captions = tmp_path / "train.caption.tsv"
+    captions.write_text("".join(
+        f"{100 + i}\t{json.dumps([{'caption': c} for c in s.captions])}\n" for i, s in enumerate(scenes[:3])))
+    records, load, notes = build_source(DataConfig(source=str(images), captions=str(captions)))
+    assert notes["images without captions"] == 1
+    assert [(r.key, r.target) for r in records] == [(str(100 + i), c) for i, s in enumerate(scenes[:3]) for c in s.captions]
+    assert load(records[-1].image).size == scenes[2].image.size
+
+
+def _vqa_files(tmp_path, scenes):
+    import json
+
+    questions, annotations = [], []
+    for i, s in enumerate(scenes[:4]):
+        q, a = s.qa[0]
+        questions.append({"image_id": 42 + i, "question": q, "question_id": 1000 + i})
+        humans = [a] * 6 + ["something"] * 4 if i != 1 else ["yes"] * 3 + ["no"] * 3 + ["two"] * 4
+        annotations.append({"question_id": 1000 + i, "image_id": 42 + i, "question_type": "how many",
+                            "answer_type": "other", "multiple_choice_answer": humans[0],
+                            "answers": [{"answer": h, "answer_id": k + 1} for k, h in enumerate(humans)]})
+    qf, af = tmp_path / "q.json", tmp_path / "a.json"
+    qf.write_text(json.dumps({"questions": questions}))
+    af.write_text(json.dumps({"annotations": annotations}))
+    return qf, af
+
+
+def test_vqa_json_over_a_coco_folder_and_over_an_image_tsv(tmp_path, scenes):
+    qf, af = _vqa_files(tmp_path, scenes)
+    folder = tmp_path / "val2014"
+    folder.mkdir()
+    for i, s in enumerate(scenes[:3]):  # the 4th image is missing
+        (folder / f"COCO_val2014_{42 + i:012d}.jpg").write_bytes(_jpeg(s.image))
+    records, load, notes = build_source(DataConfig(source=str(folder), questions=str(qf), annotations=str(af)))
+    assert notes["questions without image"] == 1
+    assert [r.question for r in records] == [s.qa[0][0] for s in scenes[:3]]
+    # the target is the most common human answer: "two" (4 votes) beats "yes" and "no" (3 each)
+    assert [r.target for r in records] == [scenes[0].qa[0][1], "two", scenes[2].qa[0][1]]
+    assert load(records[0].image).size == scenes[0].image.size
+
+    tsv = tmp_path / "val.img.tsv"
+    _write_image_tsv(tsv, [(str(42 + i), s.image) for i, s in enumerate(scenes[:4])])
+    records, load, notes = build_source(DataConfig(source=str(tsv), questions=str(qf), annotations=str(af)))
+    assert len(records) == 4 and notes["questions without image"] == 0
+    assert load(records[3].image).size == scenes[3].image.size
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=4, device="cpu", save_every=100)
+    result = train(tiny_model_config(), DataConfig(source=str(tsv), questions=str(qf), annotations=str(af),
+                                                  num_workers=0), cfg, progress=False)
+    assert result.steps == 1 and result.skipped_images == 0
+
+
+def test_unknown_source_is_a_clear_error(tmp_path):
+    from gitcli.errors import GitcapError
+
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(GitcapError, match="cannot tell what kind of data"):
+        build_source(DataConfig(source=str(tmp_path / "x.csv")))

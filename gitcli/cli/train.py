@@ -14,7 +14,7 @@ from gitcli.cli.model_options import (GridOpt, Int8Opt, LmOpt, MappingOpt, Prefi
 
 @user_errors
 def train(
-    data: Annotated[str, typer.Option("--data", help="synthetic, a CC TSV (with --image-root), ...")] = "synthetic",
+    data: Annotated[str, typer.Option("--data", help="synthetic; a folder/pattern of fetch shards; a CC TSV (+ --image-root); a GIT image TSV (+ --captions); VQA images (+ --questions --annotations).")] = "synthetic",
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Run directory.")] = Path("runs/gitcap"),
     preset: PresetOpt = None,
     vision: VisionOpt = "ViT-B-32",
@@ -31,6 +31,9 @@ def train(
     train_lm: Annotated[bool, typer.Option("--train-lm", help="Fully tune the LM.")] = False,
     init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Start from a trained checkpoint.")] = None,
     image_root: Annotated[Optional[Path], typer.Option("--image-root", help="CC TSV: folder of %08d.jpg images.")] = None,
+    captions: Annotated[Optional[Path], typer.Option("--captions", help="GIT caption TSV for a GIT image TSV given as --data.")] = None,
+    questions: Annotated[Optional[Path], typer.Option("--questions", help="VQA questions JSON (--data: COCO image folder or GIT image TSV).")] = None,
+    annotations: Annotated[Optional[Path], typer.Option("--annotations", help="VQA annotations JSON; the target is the most common human answer.")] = None,
     synthetic_size: Annotated[int, typer.Option("--synthetic-size", min=1, help="Scenes in the synthetic set.")] = 2000,
     task: Annotated[str, typer.Option("--task", help="synthetic data: captions, vqa or both.")] = "both",
     val_data: Annotated[Optional[str], typer.Option("--val-data", help="Validation source (synthetic = a held-out synthetic set).")] = None,
@@ -55,7 +58,8 @@ def train(
 ) -> None:
     """Train a captioner on shards, a CC TSV or synthetic data; resumable.
 
-    Example: gitcap train --data synthetic --preset tiny --max-steps 300 --output-dir runs/tiny
+    Examples: gitcap train --data synthetic --preset tiny --max-steps 300 --output-dir runs/tiny;
+    gitcap train --data data/cc3m/train --vision ViT-L/14 --lm opt-2.7b --output-dir runs/cc3m
     """
     from gitcli.config import DataConfig, TrainConfig
     from gitcli.train.loop import train as run_training
@@ -65,8 +69,11 @@ def train(
         preset=preset, vision=vision, vision_pretrained=vision_pretrained, lm=lm, mapping=mapping,
         prefix_length=prefix_length, grid=grid, int8=int8, dtype=dtype, train_vision=train_vision, lora=lora,
         train_lm=train_lm)
-    data_cfg = DataConfig(source=data, synthetic_size=synthetic_size, image_root=str(image_root) if image_root else None,
-                          task=task, num_workers=num_workers)
+    def opt(path):
+        return str(path) if path is not None else None
+
+    data_cfg = DataConfig(source=data, synthetic_size=synthetic_size, image_root=opt(image_root), captions=opt(captions),
+                          questions=opt(questions), annotations=opt(annotations), task=task, num_workers=num_workers)
     train_cfg = TrainConfig(
         output_dir=str(output_dir), epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,

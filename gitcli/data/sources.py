@@ -42,6 +42,96 @@ class TarMemberImages:
         return open_rgb(data, name=f"{path}@{offset}")
 
 
+class TsvImages:
+    """Images of a GIT image TSV (`key<TAB>base64`), read by row through its line index.
+
+    The file is opened lazily in each DataLoader worker (an open file cannot be pickled).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._tsv = None
+
+    def __getstate__(self):
+        return {"path": self.path, "_tsv": None}
+
+    def __call__(self, row: int):
+        from gitcli.formats.tsv import TsvFile, decode_image
+
+        if self._tsv is None:
+            self._tsv = TsvFile(Path(self.path))
+        cells = self._tsv[row]
+        where = f"{self.path}: row {row}"
+        if len(cells) < 2:
+            raise GitcapError(f"{where} has no image cell")
+        return open_rgb(decode_image(cells[1], where=where), name=where)
+
+
+def git_tsv_records(image_tsv: Path, caption_tsv: Path) -> tuple[list[Record], int]:
+    """Every caption of every image row; images without captions are left out."""
+    from gitcli.formats.tsv import TsvFile, read_caption_tsv
+
+    captions = read_caption_tsv(caption_tsv)
+    with TsvFile(image_tsv) as tsv:
+        keys = tsv.keys()
+    records = [Record(row, None, c, key=key) for row, key in enumerate(keys) for c in captions.get(key, []) if c.strip()]
+    unlabelled = sum(1 for k in keys if k not in captions)
+    return records, unlabelled
+
+
+def most_common_answer(answers: list[dict]) -> str:
+    """The VQA training target: the answer most annotators gave (first one on ties)."""
+    from collections import Counter
+
+    counts = Counter(a["answer"].strip() for a in answers)
+    return counts.most_common(1)[0][0]
+
+
+def _coco_image_files(folder: Path) -> dict[str, str]:
+    """COCO file names end in the zero-padded image id (COCO_val2014_000000000042.jpg)."""
+    import re
+
+    files = {}
+    for p in folder.iterdir():
+        m = re.search(r"(\d+)$", p.stem)
+        if m and p.suffix.lower() in (".jpg", ".jpeg", ".png"):
+            files[str(int(m.group(1)))] = str(p)
+    return files
+
+
+def vqa_records(images: Path, questions: Path, annotations: Path) -> tuple[list[Record], object, int]:
+    """VQA questions + annotations over a COCO image folder or a GIT image TSV.
+
+    -> (records, image loader, questions whose image is missing)
+    """
+    from gitcli.formats.coco import read_vqa_annotations, read_vqa_questions
+
+    qs = read_vqa_questions(questions)
+    anns = read_vqa_annotations(annotations)
+    if images.is_dir():
+        by_id: dict[str, object] = dict(_coco_image_files(images))
+        loader: object = FileImages()
+    elif images.is_file():
+        from gitcli.formats.tsv import TsvFile
+
+        with TsvFile(images) as tsv:
+            by_id = {key: row for row, key in enumerate(tsv.keys())}
+        loader = TsvImages(str(images))
+    else:
+        raise GitcapError(f"image source not found: {images}")
+    records, missing = [], 0
+    for q in qs:
+        ann = anns.get(q["question_id"])
+        if ann is None:
+            raise GitcapError(f"{annotations} has no annotation for question {q['question_id']}")
+        ref = by_id.get(str(q["image_id"]))
+        if ref is None:
+            missing += 1
+            continue
+        records.append(Record(ref, q["question"], most_common_answer(ann["answers"]), key=str(q["question_id"])))
+    return records, loader, missing
+
+
 def shard_records(source: str) -> list[Record]:
     """Index the tar shards `gitcap fetch` writes: each image's offset, and its caption."""
     import tarfile
@@ -117,6 +207,14 @@ def build_source(cfg: DataConfig):
     if src == "synthetic":
         return synthetic_records(cfg.synthetic_size, cfg.synthetic_seed, cfg.task), SyntheticImages(cfg.synthetic_seed), {}
     path = Path(src)
+    if cfg.questions or cfg.annotations:
+        if not (cfg.questions and cfg.annotations):
+            raise GitcapError("VQA training needs both --questions and --annotations")
+        records, loader, missing = vqa_records(path, Path(cfg.questions), Path(cfg.annotations))
+        return records, loader, {"questions without image": missing}
+    if cfg.captions:
+        records, unlabelled = git_tsv_records(path, Path(cfg.captions))
+        return records, TsvImages(src), {"images without captions": unlabelled}
     if path.suffix == ".tar" or path.is_dir() or "{" in src:
         return shard_records(src), TarMemberImages(), {}
     if path.suffix in (".tsv", ".gz") and cfg.image_root:
