@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train", "train", "train"),
     ("caption", "caption", "caption"),
     ("ask", "ask", "ask"),
+    ("infer-tsv", "infer_tsv", "infer_tsv"),
 ]
 
 

@@ -1,0 +1,72 @@
+"""`gitcap infer-tsv`: batched captioning / VQA over GIT TSVs, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CheckpointOpt, DeviceOpt, DtypeOpt, MaxNewTokensOpt,
+                               PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt, console, user_errors)
+
+
+@user_errors
+def infer_tsv(
+    images: Annotated[Path, typer.Option("--images", help="GIT image TSV: key<TAB>base64 image.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Result TSV to write (line indexes beside it).", show_default=False)],
+    checkpoint: CheckpointOpt = None,
+    questions: Annotated[Optional[Path], typer.Option("--questions", help="Question TSV aligned row by row with --images.")] = None,
+    coco_json: Annotated[Optional[Path], typer.Option("--coco-json", help="Also write COCO results JSON (captions) or the VQA answer list.")] = None,
+    preset: PresetOpt = None,
+    beams: BeamsOpt = 1,
+    max_new_tokens: MaxNewTokensOpt = 20,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    batch_size: BatchSizeOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    precision: PrecisionOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Caption (or answer the questions of) every image of a GIT TSV; rerun to resume.
+
+    Example: gitcap infer-tsv --images test.img.tsv --checkpoint runs/coco --out results.tsv --beams 3
+    Several GPUs: torchrun --nproc_per_node 8 -m gitcli infer-tsv ... (rows are split, parts merged in order).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from gitcli.config import GenerationConfig
+    from gitcli.dist import init_distributed, is_main_process
+    from gitcli.infer import RuntimeOptions, load_model
+    from gitcli.infer_tsv import infer_tsv as run
+
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed)
+    gen.validate()
+    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision,
+                             batch_size=batch_size)
+    model, dev, prec = load_model(checkpoint, preset, runtime)
+    rank, world = init_distributed(dev.type)
+    from gitcli.formats.tsv import read_lineidx
+
+    total = sum(1 for r in range(len(read_lineidx(images))) if r % world == rank)
+    with Progress(TextColumn("infer-tsv"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+                  TimeRemainingColumn(), console=console, disable=not is_main_process()) as progress:
+        task = progress.add_task("rows", total=total)
+        report = run(model, dev, prec, images, out, gen, questions=questions, batch_size=batch_size,
+                     coco_json=coco_json, rank=rank, world=world,
+                     on_rows=lambda n: progress.advance(task, n))
+        progress.update(task, completed=total)
+    for row, key, reason in report.failed:
+        console.print(f"[bold red]error:[/] row {row} (key {key}): {reason}")
+    if is_main_process():
+        table = Table(title=f"infer-tsv → {out}", show_header=False)
+        table.add_row("image rows", str(report.rows))
+        table.add_row("done earlier (skipped)", str(report.skipped))
+        table.add_row("done now", str(report.written))
+        table.add_row("outputs generated", str(report.outputs))
+        table.add_row("failed rows", str(len(report.failed)))
+        console.print(table)
+    if report.failed:
+        raise typer.Exit(1)

@@ -1,0 +1,187 @@
+"""Batched inference over GIT TSVs: an image TSV, optionally an aligned question TSV.
+
+Output: a result TSV in input order (`key<TAB>[{"caption": ...}]`, or for questions
+`key<TAB>[{"question_id": N, "answer": ...}, ...]`) with both line indexes, and
+optionally COCO results JSON.
+
+Resumable: each process appends finished rows to its own `OUT.partial-R.tsv` as
+`row<TAB>key<TAB>cell`, flushed per batch; a rerun (with any number of processes) skips
+every row found in those files or in an existing output, then the rows are merged in input
+order into OUT, atomically, and the partial files removed. A row whose image cannot be
+decoded fails alone: it is reported and counted, written nowhere, and tried again by the
+next run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gitcli.config import GenerationConfig
+from gitcli.data.images import open_rgb
+from gitcli.data.text import prompt_text
+from gitcli.dist import autocast, barrier
+from gitcli.errors import GitcapError
+from gitcli.generate import generate
+
+
+@dataclass
+class TsvInferenceReport:
+    rows: int = 0  # rows in the image TSV
+    skipped: int = 0  # already done by an earlier run
+    written: int = 0  # done now (this process)
+    failed: list[tuple[int, str, str]] = field(default_factory=list)  # (row, key, reason)
+    outputs: int = 0  # captions or answers produced now
+    merged: bool = False
+
+
+def _partial(out: Path, rank: int) -> Path:
+    return out.with_name(f"{out.name}.partial-{rank}.tsv")
+
+
+def _read_partials(out: Path) -> dict[int, tuple[str, str]]:
+    """Rows finished by earlier runs: {row: (key, cell)}; a torn last line is ignored."""
+    done: dict[int, tuple[str, str]] = {}
+    for part in sorted(out.parent.glob(f"{out.name}.partial-*.tsv")):
+        with open(part, "rb") as fh:
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break  # the process died while writing this line
+                row, key, cell = raw.decode("utf-8").rstrip("\n").split("\t", 2)
+                done[int(row)] = (key, cell)
+    return done
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a partial file back to its last complete line before appending to it."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+
+
+def _read_questions(path: Path, keys: list[str]) -> list[list[dict]]:
+    """Question TSV rows, checked to align with the image TSV key by key."""
+    from gitcli.formats.tsv import iter_tsv, parse_json_cell
+
+    rows = list(iter_tsv(path))
+    if len(rows) != len(keys):
+        raise GitcapError(f"{path} has {len(rows)} rows but the image TSV has {len(keys)}; they must align row by row")
+    out = []
+    for i, (row, key) in enumerate(zip(rows, keys)):
+        if len(row) != 2:
+            raise GitcapError(f"{path}: row {i} has {len(row)} cells; a question row is key<TAB>[...]")
+        if row[0] != key:
+            raise GitcapError(f"{path}: row {i} has key {row[0]!r} but the image TSV's row {i} has {key!r}")
+        where = f"{path}: row {i} (key {key!r})"
+        items = parse_json_cell(row[1], where=where)
+        if not isinstance(items, list) or not items:
+            raise GitcapError(f'{where}: expected [{{"question": "...", "question_id": N}}, ...]')
+        for q in items:
+            if not isinstance(q, dict) or not isinstance(q.get("question"), str) \
+                    or isinstance(q.get("question_id"), bool) or not isinstance(q.get("question_id"), int):
+                raise GitcapError(f'{where}: each question needs "question" (text) and "question_id" (integer)')
+        out.append(items)
+    return out
+
+
+def infer_tsv(model, device: torch.device, precision: str, images: Path, out: Path, gen: GenerationConfig, *,
+              questions: Path | None = None, batch_size: int = 32, coco_json: Path | None = None,
+              rank: int = 0, world: int = 1, on_rows: Callable[[int], None] | None = None) -> TsvInferenceReport:
+    from gitcli.formats.tsv import TsvFile, decode_image, iter_tsv, write_tsv
+
+    gen.validate()
+    tsv = TsvFile(images)
+    keys = tsv.keys()
+    if len(set(keys)) != len(keys):
+        raise GitcapError(f"{images} has repeated keys; every image row needs its own key")
+    question_rows = _read_questions(questions, keys) if questions is not None else None
+    report = TsvInferenceReport(rows=len(keys))
+
+    done = _read_partials(out)
+    if out.exists():  # an earlier run finished (possibly with failed rows still to do)
+        row_of = {k: i for i, k in enumerate(keys)}
+        for row_cells in iter_tsv(out):
+            if len(row_cells) == 2 and row_cells[0] in row_of:
+                done.setdefault(row_of[row_cells[0]], (row_cells[0], row_cells[1]))
+    todo = [r for r in range(len(keys)) if r % world == rank and r not in done]
+    report.skipped = sum(1 for r in done if r % world == rank)
+
+    transform = model.image_transform()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _drop_torn_line(_partial(out, rank))
+    with open(_partial(out, rank), "a", encoding="utf-8") as part:
+        for start in range(0, len(todo), batch_size):
+            rows = todo[start:start + batch_size]
+            pixels, items = [], []  # items: (row, question dict or None), pixels aligned
+            for r in rows:
+                cells = tsv[r]
+                try:
+                    if len(cells) < 2:
+                        raise GitcapError("no image cell")
+                    image = transform(open_rgb(decode_image(cells[1], where=f"{images}: row {r}"), name=f"row {r}"))
+                except GitcapError as exc:
+                    report.failed.append((r, keys[r], str(exc)))
+                    continue
+                for q in (question_rows[r] if question_rows is not None else [None]):
+                    pixels.append(image)
+                    items.append((r, q))
+            results: dict[int, list[dict]] = {}
+            for i in range(0, len(items), batch_size):
+                chunk = items[i:i + batch_size]
+                batch = torch.stack(pixels[i:i + batch_size]).to(device)
+                prompts = [prompt_text(model.config, q["question"] if q else None) for _, q in chunk]
+                with autocast(precision, device):
+                    outs = generate(model, batch, prompts, gen)
+                for (r, q), o in zip(chunk, outs):
+                    entry = {"caption": o.text} if q is None else {"question_id": q["question_id"], "answer": o.text}
+                    results.setdefault(r, []).append(entry)
+                    report.outputs += 1
+            for r in sorted(results):
+                part.write(f"{r}\t{keys[r]}\t{json.dumps(results[r], ensure_ascii=False)}\n")
+            part.flush()
+            os.fsync(part.fileno())
+            report.written += len(results)
+            if on_rows:
+                on_rows(len(rows))
+    tsv.close()
+
+    barrier()  # every rank's part is on disk before rank 0 merges
+    if rank == 0:
+        done = _read_partials(out)
+        if out.exists():
+            row_of = {k: i for i, k in enumerate(keys)}
+            for row_cells in iter_tsv(out):
+                if len(row_cells) == 2 and row_cells[0] in row_of:
+                    done.setdefault(row_of[row_cells[0]], (row_cells[0], row_cells[1]))
+        write_tsv(out, ([done[r][0], done[r][1]] for r in sorted(done)))
+        for part_file in out.parent.glob(f"{out.name}.partial-*.tsv"):
+            part_file.unlink()
+        report.merged = True
+        if coco_json is not None:
+            _write_coco(coco_json, [done[r] for r in sorted(done)], questions is not None)
+    barrier()
+    return report
+
+
+def _write_coco(path: Path, rows: list[tuple[str, str]], vqa: bool) -> None:
+    """COCO caption results `[{"image_id", "caption"}]`, or the VQA submission list."""
+    from gitcli.config import write_json
+    from gitcli.formats.coco import coco_image_id
+
+    records = []
+    for key, cell in rows:
+        for entry in json.loads(cell):
+            if vqa:
+                records.append({"question_id": entry["question_id"], "answer": entry["answer"]})
+            else:
+                records.append({"image_id": coco_image_id(key), "caption": entry["caption"]})
+    write_json(path, records)

@@ -1,0 +1,121 @@
+"""infer-tsv: input order, resume, rank split and merge, bad rows, questions alignment."""
+
+import base64
+import io
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gitcli.cli import app
+from gitcli.config import GenerationConfig
+from gitcli.errors import GitcapError
+from gitcli.infer_tsv import infer_tsv
+from gitcli.model.checkpoint import load_checkpoint
+
+GEN = GenerationConfig(max_new_tokens=4)
+
+
+def _b64(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint).eval()
+
+
+@pytest.fixture
+def image_tsv(tmp_path, scene_images):
+    path = tmp_path / "test.img.tsv"
+    path.write_text("".join(f"{100 + i}\t{_b64(im)}\n" for i, im in enumerate(scene_images)))
+    return path
+
+
+def _rows(path):
+    return [line.split("\t") for line in path.read_text().splitlines()]
+
+
+def _run(model, images, out, **kw):
+    return infer_tsv(model, torch.device("cpu"), "fp32", images, out, GEN, batch_size=4, **kw)
+
+
+def test_results_in_input_order_with_indexes_and_coco_json(model, image_tsv, tmp_path, scene_images):
+    out = tmp_path / "res.tsv"
+    report = _run(model, image_tsv, out, coco_json=tmp_path / "res.json")
+    rows = _rows(out)
+    assert [r[0] for r in rows] == [str(100 + i) for i in range(len(scene_images))]
+    assert all(isinstance(json.loads(r[1])[0]["caption"], str) for r in rows)
+    assert (tmp_path / "res.tsv.lineidx").is_file() and (tmp_path / "res.tsv.lineidx.8b").is_file()
+    coco = json.loads((tmp_path / "res.json").read_text())
+    assert coco[0]["image_id"] == 100 and isinstance(coco[0]["image_id"], int)
+    assert report.written == len(scene_images) and not report.failed
+    assert not list(tmp_path.glob("res.tsv.partial-*"))
+
+
+def test_resume_skips_finished_rows(model, image_tsv, tmp_path):
+    full = tmp_path / "full.tsv"
+    _run(model, image_tsv, full)
+    out = tmp_path / "res.tsv"
+    done = _rows(full)[:2]
+    # an interrupted run: two rows finished, a third torn mid-line
+    (tmp_path / "res.tsv.partial-0.tsv").write_text(
+        f"0\t{done[0][0]}\t{done[0][1]}\n1\t{done[1][0]}\t{done[1][1]}\n2\t102\t[{{\"capt")
+    report = _run(model, image_tsv, out)
+    assert report.skipped == 2 and report.written == len(_rows(full)) - 2
+    assert out.read_text() == full.read_text()
+    again = _run(model, image_tsv, out)  # everything done: nothing generated
+    assert again.written == 0 and out.read_text() == full.read_text()
+
+
+def test_ranks_split_rows_and_merge_in_order(model, image_tsv, tmp_path):
+    single = tmp_path / "single.tsv"
+    _run(model, image_tsv, single)
+    out = tmp_path / "multi.tsv"
+    r1 = _run(model, image_tsv, out, rank=1, world=2)
+    assert r1.written == 3 and not out.exists()  # rank 1 only writes its part
+    r0 = _run(model, image_tsv, out, rank=0, world=2)
+    assert r0.written == 3 and r0.merged
+    assert out.read_text() == single.read_text()
+
+
+def test_questions_aligned_and_answered(model, image_tsv, tmp_path):
+    qs = tmp_path / "test.question.tsv"
+    lines = []
+    for i in range(6):
+        items = [{"question": "what color is the circle?", "question_id": 10 * i + j} for j in range(1 + i % 2)]
+        lines.append(f"{100 + i}\t{json.dumps(items)}")
+    qs.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "vqa.tsv"
+    report = _run(model, image_tsv, out, questions=qs, coco_json=tmp_path / "vqa.json")
+    rows = _rows(out)
+    assert [[a["question_id"] for a in json.loads(r[1])] for r in rows] == \
+        [[10 * i + j for j in range(1 + i % 2)] for i in range(6)]
+    assert report.outputs == 9
+    assert len(json.loads((tmp_path / "vqa.json").read_text())) == 9
+
+
+def test_misaligned_questions_are_refused(model, image_tsv, tmp_path):
+    qs = tmp_path / "q.tsv"
+    qs.write_text("".join(f"{200 + i}\t[{{\"question\": \"q\", \"question_id\": {i}}}]\n" for i in range(6)))
+    with pytest.raises(GitcapError, match="key '200'"):
+        _run(model, image_tsv, tmp_path / "x.tsv", questions=qs)
+    qs.write_text("100\t[{\"question\": \"q\", \"question_id\": \"7\"}]\n" * 6)
+    with pytest.raises(GitcapError, match="question_id"):
+        _run(model, image_tsv, tmp_path / "x.tsv", questions=qs)
+
+
+def test_bad_row_fails_alone_and_cli_exits_nonzero(tiny_checkpoint, image_tsv, tmp_path):
+    lines = image_tsv.read_text().splitlines()
+    lines[2] = "102\t%%%not-base64%%%"
+    lines[4] = "104\t" + base64.b64encode(b"<html>hello</html>").decode()
+    image_tsv.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "res.tsv"
+    result = CliRunner().invoke(app, ["infer-tsv", "--images", str(image_tsv), "--out", str(out), "-c",
+                                      str(tiny_checkpoint), "--max-new-tokens", "3"])
+    assert result.exit_code == 1, result.output
+    assert "row 2" in result.output and "row 4" in result.output and "Traceback" not in result.output
+    assert [r[0] for r in _rows(out)] == ["100", "101", "103", "105"]
