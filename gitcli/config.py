@@ -105,12 +105,16 @@ class ModelConfig:
             raise GitcapError("--prefix-length must be at least 1")
         if self.mapping == "transformer" and self.mapping_layers < 1:
             raise GitcapError("the transformer mapping needs at least one layer")
-        if self.int8 and self.train_lm:
-            raise GitcapError("an 8-bit LM cannot be fully tuned; use --lora R instead of --train-lm")
         if self.lora_rank < 0:
             raise GitcapError("--lora must be a positive rank")
         if "{question}" not in self.question_template:
             raise GitcapError("the question template must contain {question}")
+
+    def validate_for_training(self) -> None:
+        """What only matters when weights are about to train."""
+        self.validate()
+        if self.int8 and self.train_lm:
+            raise GitcapError("an 8-bit LM cannot be fully tuned; use --lora R instead of --train-lm")
 
     @property
     def lm_trained(self) -> bool:

@@ -33,8 +33,8 @@ PAIRS = [("", "a red circle on the left"), ("Question: what color is the circle?
 ])
 def test_each_mapping_trains_pooled_and_grid(vocab, scene_images, mapping, grid):
     torch.manual_seed(0)
-    model = build_captioner(tiny_model_config(mapping=mapping, grid=grid, prefix_length=4, mapping_layers=1),
-                            vocabulary=vocab)
+    model = build_captioner(tiny_model_config(mapping=mapping, grid=grid, prefix_length=4, mapping_layers=1,
+                                              train_vision=False, train_lm=False), vocabulary=vocab)
     expected_prefix = model.vision.num_tokens if (grid and mapping.startswith("linear")) else 4
     assert model.prefix_length == expected_prefix
     px = _pixels(model, scene_images[:3])

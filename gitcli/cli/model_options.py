@@ -28,7 +28,8 @@ def model_config_from_options(*, preset, vision, vision_pretrained, lm, mapping,
             raise GitcapError(f"unknown preset {preset!r}; the built-in preset is: tiny")
         from gitcli.model.tiny import tiny_model_config
 
-        return tiny_model_config(dtype=dtype, lora_rank=lora, int8=int8)
+        # everything of the tiny preset trains, except an 8-bit LM (LoRA adapters instead)
+        return tiny_model_config(dtype=dtype, lora_rank=lora, int8=int8, train_lm=not (int8 or lora))
     return ModelConfig(vision=vision, vision_pretrained=vision_pretrained, lm=lm, mapping=mapping,
                        prefix_length=prefix_length, grid=grid, int8=int8, dtype=dtype,
                        train_vision=train_vision, lora_rank=lora, train_lm=train_lm)

@@ -106,7 +106,7 @@ def freeze_for_training(captioner: Captioner) -> None:
     captioner.vision.requires_grad_(cfg.train_vision)
     captioner.mapping.requires_grad_(True)
     if cfg.lora_rank == 0:
-        captioner.lm.requires_grad_(cfg.train_lm)
+        captioner.lm.requires_grad_(cfg.train_lm and not cfg.int8)  # int8 weights cannot take gradients
 
 
 def apply_lora(captioner: Captioner) -> None:

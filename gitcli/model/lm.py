@@ -67,6 +67,19 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+def _check_int8_backend(device: torch.device) -> None:
+    """bitsandbytes builds without a CPU backend can only run int8 on CUDA: say so up front."""
+    if device.type == "cuda":
+        return
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear8bitLt(4, 4, has_fp16_weights=False).to(device)
+        layer(torch.zeros(1, 4))
+    except Exception as exc:  # any failure here means: no int8 on this device
+        raise GitcapError(f"--int8 needs a CUDA GPU with this bitsandbytes build ({str(exc).splitlines()[0][:120]})") from None
+
+
 def load_lm(name_or_path: str, *, dtype: torch.dtype, int8: bool, device: torch.device):
     """Load a transformers causal LM; 8-bit through BitsAndBytesConfig when asked."""
     from transformers import AutoModelForCausalLM
@@ -79,6 +92,7 @@ def load_lm(name_or_path: str, *, dtype: torch.dtype, int8: bool, device: torch.
             raise GitcapError("--int8 needs bitsandbytes (pip install bitsandbytes)") from None
         from transformers import BitsAndBytesConfig
 
+        _check_int8_backend(device)
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, **kwargs)

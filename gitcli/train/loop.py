@@ -56,7 +56,7 @@ def _build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
         if model_cfg.lora_rank and not model.config.lora_rank:
             model.config.lora_rank, model.config.lora_alpha = model_cfg.lora_rank, model_cfg.lora_alpha
             apply_lora(model)
-        model.config.validate()
+        model.config.validate_for_training()
         if model.config.train_vision:
             model.vision.float()
         freeze_for_training(model)
@@ -92,7 +92,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
           progress: bool = True, stop_after: int | None = None) -> TrainResult:
     """Run training; returns a summary. `stop_after` ends the process's run early (tests)."""
     cfg.validate()
-    model_cfg.validate()
+    model_cfg.validate_for_training()
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device.type)
     precision = resolve_precision(cfg.precision, device)
