@@ -1,0 +1,1 @@
+"""Torch-free readers and writers of gitcap's file formats."""
