@@ -22,8 +22,13 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-# (command name, module under gitcli.cli, function name), in the order --help lists them.
+# (command name, module under gitcli.cli, attribute), in the order --help lists them. The
+# attribute is a command function, or a typer.Typer group (e.g. `gitcap tsv images`).
 COMMANDS: list[tuple[str, str, str]] = [
+    ("score-coco", "score_coco", "score_coco"),
+    ("vqa-json", "vqa_json", "vqa_json"),
+    ("score-vqa", "score_vqa", "score_vqa"),
+    ("tsv", "tsv", "app"),
 ]
 
 
@@ -47,7 +52,10 @@ def _register() -> None:
     for name, module, function in COMMANDS:
         mod = importlib.import_module(f"gitcli.cli.{module}")
         command = getattr(mod, function)
-        app.command(name, help=command.__doc__)(command)
+        if isinstance(command, typer.Typer):
+            app.add_typer(command, name=name)
+        else:
+            app.command(name, help=command.__doc__)(command)
 
 
 _register()
