@@ -63,6 +63,14 @@ class CaptionScores:
 
 
 # ---- the pure-Python scorers, run in worker processes ----------------------------------
+def _lower_priority() -> None:
+    """Worker-process initializer: METEOR's jar is the critical path; let it win the CPU."""
+    try:
+        os.nice(5)
+    except (AttributeError, OSError):  # not on this platform, or not allowed
+        pass
+
+
 def _python_scorer(name: str, gts: dict, res: dict) -> tuple[object, object]:
     """Run one pycocoevalcap scorer exactly as COCOEvalCap calls it."""
     if name == "Bleu":
@@ -146,7 +154,10 @@ def evaluate_captions(
         futures: dict[str, Future] = {}
         if jobs:
             # With METEOR running, leave it a core.
-            pool = ProcessPoolExecutor(max_workers=max(1, min(len(jobs), workers - (meteor is not None))))
+            pool = ProcessPoolExecutor(
+                max_workers=max(1, min(len(jobs), workers - (meteor is not None))),
+                initializer=_lower_priority if meteor is not None else None,
+            )
             for job in jobs:
                 futures[job] = pool.submit(_python_scorer, job, gts, res)
         if meteor is not None:
