@@ -55,8 +55,9 @@ def test_identical_to_cocoevalcap_with_meteor_split_over_two_jars(monkeypatch):
     references[first][0] = "Un café, près d'une fenêtre... (très) joli!"
     results[first] = "a café -- with ||| pipes"
     results[second] = "A DOG; running?!"
-    monkeypatch.setattr(meteor, "segments_per_jar", lambda: 25)  # 60 images -> 2 jars
-    ours = captions.evaluate_captions(results, references, captions.DEFAULT_METRICS, workers=3)
+    monkeypatch.setattr(meteor, "segments_per_jar", lambda: 25)
+    assert meteor.jars_for(60, free_cores=2) == 2  # so the statistics come from two jars
+    ours = captions.evaluate_captions(results, references, captions.DEFAULT_METRICS, workers=4)
     coco = _cocoevalcap(results, references)
 
     for m in captions.DEFAULT_METRICS:
@@ -65,6 +66,12 @@ def test_identical_to_cocoevalcap_with_meteor_split_over_two_jars(monkeypatch):
         for m in captions.DEFAULT_METRICS:
             assert ours.per_image[k][m] == coco.imgToEval[int(k)][m], (k, m)
     assert 0.2 < ours.scores["CIDEr"] < 5  # a real, non-degenerate score
+
+
+def test_jar_count_follows_spare_cores_and_work():
+    assert meteor.jars_for(5000, free_cores=0) == 1  # a 2-core machine: one jar
+    assert meteor.jars_for(5000, free_cores=14) == 3
+    assert meteor.jars_for(100, free_cores=14) == 1
 
 
 def test_metric_names_resolve():

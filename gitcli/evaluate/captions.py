@@ -130,7 +130,7 @@ def evaluate_captions(
     step = on_step or (lambda _name: None)
     workers = max(1, workers or os.cpu_count() or 1)
 
-    from gitcli.evaluate.meteor import MeteorScorer, segments_per_jar
+    from gitcli.evaluate.meteor import MeteorScorer, jars_for
     from gitcli.evaluate.ptb import tokenize_groups
 
     meteor = None
@@ -139,9 +139,9 @@ def evaluate_captions(
     try:
         if "METEOR" in metrics:
             # Started first: the jar loads its paraphrase table (seconds of CPU) while
-            # the tokenizer and the Python scorers run.
-            jars = min(max(1, workers - 1), 1 + len(keys) // segments_per_jar())
-            meteor = MeteorScorer(jars)
+            # the tokenizer and the Python scorers run. Extra jars only where cores are
+            # spare beyond those two (so one jar on a 2-core machine).
+            meteor = MeteorScorer(jars_for(len(keys), free_cores=workers - 2))
         step("tokenize")
         ref_tok, res_tok = tokenize_groups([list(references[k]) for k in keys], [[results[k]] for k in keys])
         gts = dict(zip(keys, ref_tok))

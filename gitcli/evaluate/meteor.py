@@ -79,12 +79,18 @@ class _MeteorJar:
 
 
 def segments_per_jar() -> int:
-    """Images one METEOR jar should score before a second jar pays off.
+    """Fewest images worth a METEOR jar of their own.
 
-    A jar spends about 4 CPU-seconds loading its paraphrase table and then scores
-    about 2,000 images a second, so a second jar only wins from roughly 20,000 images.
+    A jar spends about 4 CPU-seconds (a core and a bit) loading its paraphrase table,
+    then scores about 2,000 images a second. An extra jar shortens the wall time only
+    if a core is free for its start-up and it then takes at least a second of work.
     """
-    return 20_000
+    return 2_000
+
+
+def jars_for(images: int, free_cores: int) -> int:
+    """How many jars to start for `images` images when `free_cores` cores are spare."""
+    return max(1, min(free_cores, -(-images // segments_per_jar())))
 
 
 class MeteorScorer:
