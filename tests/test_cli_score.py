@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from conftest import write_json
+from eval_helpers import cli, write_json  # noqa: F401  (cli is a fixture)
 from gitcli.formats.tsv import json_cell, write_tsv
 
 

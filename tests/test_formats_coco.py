@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import write_json
+from eval_helpers import write_json
 from gitcli.errors import GitcapError
 from gitcli.formats import coco
 

@@ -5,7 +5,7 @@ Level 2 of the layering: imports only `gitcli.formats`, `gitcli.config` and
 
 - `gitcli.evaluate.captions.score_captions(results, references, metrics=("CIDEr",))`
 - `gitcli.evaluate.captions.evaluate_captions(results, references, metrics=...)`
-- `gitcli.evaluate.vqa.vqa_accuracy(predictions, questions)`
+- `gitcli.evaluate.vqa.vqa_accuracy(predictions, annotations)`
 - `gitcli.evaluate.vqa.exact_match_accuracy(predictions, answers)`
 - `gitcli.evaluate.normalize.normalize_answer(text)`
 """

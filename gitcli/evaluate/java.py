@@ -6,6 +6,13 @@ import shutil
 
 from gitcli.errors import GitcapError
 
+# pycocoevalcap's jars live briefly: load data, process a few thousand sentences, exit.
+# The C2 optimising compiler spends more CPU than it saves on such runs (and competes
+# for the cores with the other scorers), so the JVM stops at C1. Since Java 17 all
+# floating point is strict IEEE (JEP 306): the compiler tier cannot change a score, and
+# the parity test and the benchmark check that the scores are identical.
+JVM_FLAGS = ("-XX:TieredStopAtLevel=1",)
+
 
 def require_java(what: str) -> str:
     """Return the `java` executable, or fail with one line saying what needs it."""

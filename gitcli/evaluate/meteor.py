@@ -18,7 +18,7 @@ from typing import Sequence
 from pycocoevalcap.meteor import meteor as _meteor
 
 from gitcli.errors import GitcapError
-from gitcli.evaluate.java import require_java
+from gitcli.evaluate.java import JVM_FLAGS, require_java
 
 _JAR_DIR = Path(_meteor.__file__).resolve().parent
 
@@ -34,7 +34,8 @@ class _MeteorJar:
 
     def __init__(self) -> None:
         java = require_java("METEOR")
-        cmd = [java, "-jar", "-Xmx2G", _meteor.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
+        # pycocoevalcap's command plus JVM_FLAGS, which change speed, never results.
+        cmd = [java, "-jar", "-Xmx2G", *JVM_FLAGS, _meteor.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
         self.proc = subprocess.Popen(
             cmd, cwd=_JAR_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         )

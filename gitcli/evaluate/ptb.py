@@ -17,7 +17,7 @@ from pathlib import Path
 from pycocoevalcap.tokenizer import ptbtokenizer as _ptb
 
 from gitcli.errors import GitcapError
-from gitcli.evaluate.java import require_java
+from gitcli.evaluate.java import JVM_FLAGS, require_java
 
 _JAR_DIR = Path(_ptb.__file__).resolve().parent
 _JAR = _ptb.STANFORD_CORENLP_3_4_1_JAR
@@ -34,7 +34,9 @@ def _run_jar(lines: list[str]) -> list[str]:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write("\n".join(lines).encode())
-        cmd = [java, "-cp", _JAR, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", path]
+        # pycocoevalcap's command; the C1-only JIT flag (see gitcli.evaluate.java)
+        # makes this short run cheaper and cannot change its output.
+        cmd = [java, *JVM_FLAGS, "-cp", _JAR, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", path]
         proc = subprocess.run(cmd, cwd=_JAR_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     finally:
         os.unlink(path)

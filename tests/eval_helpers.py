@@ -1,4 +1,8 @@
-"""Shared helpers: tiny images and JSON files written into tmp_path."""
+"""Helpers of the formats/evaluate/CLI-scoring tests: tiny images, JSON files, a CLI runner.
+
+A plain module rather than conftest.py, so other test suites keep their own conftest.
+Import the `cli` fixture by name to use it.
+"""
 
 from __future__ import annotations
 
