@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import io
 import os
+import resource
 import statistics
 import sys
 import time
@@ -67,6 +68,12 @@ class _NullSpice:
         return "SPICE"
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the jars, the worker processes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5000)
@@ -80,16 +87,19 @@ def main() -> int:
           f"load average before: {os.getloadavg()[0]:.1f}")
 
     # Interleaved (A, B, A, B, ...) so that load from other processes hits both alike.
-    coco_times, our_times = [], []
+    coco_times, our_times, coco_cpu, our_cpu = [], [], [], []
     for _ in range(args.repeat):
-        t0 = time.perf_counter()
+        c0, t0 = _cpu_seconds(), time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             coco = cocoevalcap_without_spice(results, references)  # it prints as it goes
         coco_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        coco_cpu.append(_cpu_seconds() - c0)
+        c0, t0 = _cpu_seconds(), time.perf_counter()
         ours = evaluate_captions(results, references, DEFAULT_METRICS)
         our_times.append(time.perf_counter() - t0)
-        print(f"  run {len(our_times)}: COCOEvalCap {coco_times[-1]:6.2f} s   gitcap {our_times[-1]:6.2f} s   "
+        our_cpu.append(_cpu_seconds() - c0)
+        print(f"  run {len(our_times)}: COCOEvalCap {coco_times[-1]:6.2f} s ({coco_cpu[-1]:5.1f} CPU-s)   "
+              f"gitcap {our_times[-1]:6.2f} s ({our_cpu[-1]:5.1f} CPU-s)   "
               f"ratio {our_times[-1] / coco_times[-1]:.3f}   load average {os.getloadavg()[0]:.1f}")
     t_coco, t_ours = statistics.median(coco_times), statistics.median(our_times)
 
@@ -103,7 +113,9 @@ def main() -> int:
         print(f"{m:10} {float(coco.eval[m])!r:>22} {ours.scores[m]!r:>22}")
     print(f"COCOEvalCap.evaluate() (median of {args.repeat}): {t_coco:6.2f} s")
     print(f"gitcap evaluate_captions (median of {args.repeat}): {t_ours:4.2f} s")
-    print(f"ratio gitcap / COCOEvalCap: {t_ours / t_coco:.3f}")
+    print(f"ratio gitcap / COCOEvalCap: {t_ours / t_coco:.3f} (median of per-run ratios "
+          f"{statistics.median(o / c for o, c in zip(our_times, coco_times)):.3f}, best {min(o / c for o, c in zip(our_times, coco_times)):.3f})")
+    print(f"CPU seconds (median): COCOEvalCap {statistics.median(coco_cpu):.1f}, gitcap {statistics.median(our_cpu):.1f}")
     if mismatches:
         print(f"NOT IDENTICAL: {len(mismatches)} differences, e.g. {mismatches[:5]}")
         return 1
