@@ -136,3 +136,15 @@ def test_help_has_examples(cli):
     for command in (["score-coco"], ["vqa-json"], ["score-vqa"], ["tsv", "images"], ["tsv", "captions"], ["tsv", "questions"]):
         result = cli(*command, "--help")
         assert result.exit_code == 0 and "Example" in result.output, command
+
+
+def test_score_coco_spice_without_corenlp_fails_fast(tmp_path, cli, monkeypatch):
+    from pycocoevalcap.spice import get_stanford_models as g
+
+    from gitcli.evaluate import spice
+
+    labels, results = _caption_files(tmp_path)
+    monkeypatch.setattr(spice, "corenlp_jar", lambda: tmp_path / "absent.jar")
+    monkeypatch.setattr(g, "get_stanford_models", lambda: (_ for _ in ()).throw(OSError("no network")))
+    # fails before any scoring starts (no Java launch needed to see this error)
+    assert "SPICE cannot run" in _one_error_line(cli("score-coco", "-r", results, "-l", labels, "--spice"))

@@ -133,6 +133,11 @@ def evaluate_captions(
     from gitcli.evaluate.meteor import MeteorScorer, jars_for
     from gitcli.evaluate.ptb import tokenize_groups
 
+    if "SPICE" in metrics:
+        from gitcli.evaluate.spice import ensure_corenlp
+
+        ensure_corenlp()  # fail before minutes of other scoring, not after
+
     meteor = None
     pool = None
     raw: dict[str, tuple[object, object]] = {}

@@ -7,8 +7,10 @@ instead of a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 from gitcli.errors import GitcapError
@@ -39,7 +41,9 @@ def ensure_corenlp() -> None:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
     try:
-        g.get_stanford_models()
+        # pycocoevalcap prints its progress to stdout, which holds gitcap's results
+        with contextlib.redirect_stdout(sys.stderr):
+            g.get_stanford_models()
     except Exception as exc:  # urllib, zipfile and file-system errors alike
         raise GitcapError(
             f"SPICE cannot run: Stanford CoreNLP 3.6.0 is not at {corenlp_jar()} and could not be "
