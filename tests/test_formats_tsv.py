@@ -64,6 +64,13 @@ def test_index_built_when_missing_and_rebuilt_when_stale(tmp_path):
     assert tsv.read_lineidx(path) == [0, 4, 8]
 
 
+def test_blank_lines_are_not_rows_for_either_reader(tmp_path):
+    path = tmp_path / "x.tsv"
+    path.write_text("a\t1\n\nb\t2\n\n", encoding="utf-8")
+    with tsv.TsvFile(path) as f:
+        assert list(f) == list(tsv.iter_tsv(path)) == [["a", "1"], ["b", "2"]]
+
+
 def test_write_is_atomic_and_refuses_tabs(tmp_path):
     path = tmp_path / "x.tsv"
     tsv.write_tsv(path, [["a", "1"]])

@@ -103,12 +103,16 @@ def write_lineidx(path: Path, offsets: Sequence[int]) -> None:
 
 # ---- indexes -------------------------------------------------------------------------
 def scan_offsets(path: Path) -> list[int]:
-    """The byte offset of every row, by reading the whole file."""
+    """The byte offset of every row, by reading the whole file.
+
+    Blank lines are not rows (as in `iter_tsv`), so row i means the same thing to both.
+    """
     offsets, pos = [], 0
     try:
         with open(path, "rb") as f:
             for line in f:
-                offsets.append(pos)
+                if line.strip():
+                    offsets.append(pos)
                 pos += len(line)
     except FileNotFoundError:
         raise GitcapError(f"TSV file not found: {path}") from None
