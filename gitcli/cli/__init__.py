@@ -22,7 +22,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-# (command name, module under gitcli.cli, function name), in the order --help lists them.
+# (command name, module under gitcli.cli, attribute), in the order --help lists them. The
+# attribute is a command function, or a typer.Typer group (e.g. `gitcap tsv images`).
 COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "demo", "demo"),
     ("fetch", "fetch", "fetch"),
@@ -30,6 +31,10 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("caption", "caption", "caption"),
     ("ask", "ask", "ask"),
     ("infer-tsv", "infer_tsv", "infer_tsv"),
+    ("score-coco", "score_coco", "score_coco"),
+    ("vqa-json", "vqa_json", "vqa_json"),
+    ("score-vqa", "score_vqa", "score_vqa"),
+    ("tsv", "tsv", "app"),
 ]
 
 
@@ -53,7 +58,10 @@ def _register() -> None:
     for name, module, function in COMMANDS:
         mod = importlib.import_module(f"gitcli.cli.{module}")
         command = getattr(mod, function)
-        app.command(name, help=command.__doc__)(command)
+        if isinstance(command, typer.Typer):
+            app.add_typer(command, name=name)
+        else:
+            app.command(name, help=command.__doc__)(command)
 
 
 _register()

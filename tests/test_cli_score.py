@@ -1,0 +1,150 @@
+import json
+import shutil
+
+import pytest
+
+from eval_helpers import cli, write_json  # noqa: F401  (cli is a fixture)
+from gitcli.formats.tsv import json_cell, write_tsv
+
+
+def _one_error_line(result):
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "Traceback" not in result.output
+    return result.output
+
+
+def _humans(*answers):
+    return [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]
+
+
+@pytest.fixture
+def vqa_files(tmp_path):
+    anns = write_json(
+        tmp_path / "ann.json",
+        {
+            "annotations": [
+                {"question_id": 1, "image_id": 5, "question_type": "how many", "answer_type": "number", "answers": _humans(*["2"] * 10)},
+                {"question_id": 2, "image_id": 5, "question_type": "what color", "answer_type": "other", "answers": _humans("red", "red", *["blue"] * 8)},
+            ]
+        },
+    )
+    questions = write_json(
+        tmp_path / "q.json",
+        {"questions": [{"question_id": 1, "image_id": 5, "question": "How many?"}, {"question_id": 2, "image_id": 5, "question": "Color?"}]},
+    )
+    return anns, questions
+
+
+def test_vqa_json_normalises_and_fills(tmp_path, cli, vqa_files):
+    _, questions = vqa_files
+    results = tmp_path / "vqa.tsv"
+    write_tsv(results, [["5", json_cell([{"question_id": 2, "answer": "The Red."}])]])
+    out = tmp_path / "submission.json"
+    result = cli("vqa-json", "--results", results, "--questions", questions, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "1 questions had no result" in result.output
+    assert json.loads(out.read_text()) == [{"question_id": 1, "answer": ""}, {"question_id": 2, "answer": "red"}]
+
+
+def test_vqa_json_rejects_duplicates_and_foreign_ids(tmp_path, cli, vqa_files):
+    _, questions = vqa_files
+    dup = tmp_path / "dup.tsv"
+    dup.write_text('{"answer": "a", "question_id": 1}\n{"answer": "b", "question_id": 1}\n', encoding="utf-8")
+    assert "answered twice" in _one_error_line(cli("vqa-json", "--results", dup, "--out", tmp_path / "s.json"))
+    foreign = tmp_path / "f.tsv"
+    foreign.write_text('{"answer": "a", "question_id": 77}\n', encoding="utf-8")
+    assert "not in" in _one_error_line(cli("vqa-json", "--results", foreign, "--questions", questions, "--out", tmp_path / "s.json"))
+    bad = tmp_path / "b.tsv"
+    bad.write_text('5\t[{"answer": "a", "question_id": 1}\n', encoding="utf-8")
+    assert "not valid JSON" in _one_error_line(cli("vqa-json", "--results", bad, "--out", tmp_path / "s.json"))
+
+
+def test_score_vqa_answers_exactly_as_given(tmp_path, cli, vqa_files):
+    anns, questions = vqa_files
+    # "Two" against ten unanimous "2": the official metric does not normalise -> 0
+    results = write_json(tmp_path / "sub.json", [{"question_id": 1, "answer": "Two"}, {"question_id": 2, "answer": "Red"}])
+    out = tmp_path / "acc.json"
+    result = cli("score-vqa", "--results", results, "--annotations", anns, "--questions", questions, "--out", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["overall"] == 30.0
+    assert data["perAnswerType"] == {"number": 0.0, "other": 60.0}
+    assert data["perQuestionType"] == {"how many": 0.0, "what color": 60.0}
+    assert data["perQuestion"] == {"1": 0.0, "2": 60.0}
+    assert "overall" in result.output
+
+
+def test_score_vqa_missing_answers(tmp_path, cli, vqa_files):
+    anns, questions = vqa_files
+    results = write_json(tmp_path / "sub.json", [{"question_id": 2, "answer": "red"}])
+    assert "--allow-missing" in _one_error_line(cli("score-vqa", "-r", results, "-a", anns, "-q", questions))
+    result = cli("score-vqa", "-r", results, "-a", anns, "-q", questions, "--allow-missing")
+    assert result.exit_code == 0 and "1 have no result" in result.output
+
+
+def _caption_files(tmp_path):
+    labels = tmp_path / "test.caption.tsv"
+    write_tsv(
+        labels,
+        [
+            ["1", json_cell([{"caption": "A dog runs on the beach."}, {"caption": "a brown dog running in the sand"}])],
+            ["2", json_cell([{"caption": "Two cats sleep on a sofa."}, {"caption": "cats sleeping on a couch"}])],
+            ["3", json_cell([{"caption": "A red bus on the street."}, {"caption": "a bus driving down a road"}])],
+        ],
+    )
+    results = tmp_path / "results.tsv"
+    write_tsv(results, [[k, json_cell([{"caption": c}])] for k, c in [("1", "a dog running on the beach"), ("2", "a cat on a sofa"), ("3", "a red bus")]])
+    return labels, results
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="needs Java")
+def test_score_coco_writes_scores_json(tmp_path, cli):
+    labels, results = _caption_files(tmp_path)
+    # a COCO results JSON with one image fewer: --allow-missing scores the intersection
+    coco_results = write_json(tmp_path / "r.json", [{"image_id": 1, "caption": "a dog running on the beach"}, {"image_id": 2, "caption": "a cat on a sofa"}])
+    out = tmp_path / "scores.json"
+    result = cli("score-coco", "--results", coco_results, "--labels", labels, "--allow-missing", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "dropped 1 labelled images" in result.output
+    data = json.loads(out.read_text())
+    assert set(data["scores"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+    assert set(data["per_image"]) == {"1", "2"}
+    assert data["images"] == 2 and data["dropped"]["labels_without_results"] == 1
+    assert data["versions"]["pycocoevalcap"] and data["inputs"]["labels"].endswith("test.caption.tsv")
+    assert 0 < data["scores"]["Bleu_1"] <= 1
+
+
+def test_score_coco_input_errors_are_one_line(tmp_path, cli):
+    labels, results = _caption_files(tmp_path)
+    short = write_json(tmp_path / "r.json", [{"image_id": 1, "caption": "x"}])
+    assert "--allow-missing" in _one_error_line(cli("score-coco", "-r", short, "-l", labels))
+    wrong_type = write_json(tmp_path / "w.json", [{"image_id": [1], "caption": "x"}])
+    assert "image_id must be" in _one_error_line(cli("score-coco", "-r", wrong_type, "-l", labels))
+    two = tmp_path / "two.tsv"
+    write_tsv(two, [["1", json_cell([{"caption": "a"}, {"caption": "b"}])]])
+    assert "exactly one" in _one_error_line(cli("score-coco", "-r", two, "-l", labels))
+    assert "not found" in _one_error_line(cli("score-coco", "-r", tmp_path / "none.tsv", "-l", labels))
+
+
+def test_score_coco_without_java(tmp_path, cli, monkeypatch):
+    labels, results = _caption_files(tmp_path)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert "needs Java" in _one_error_line(cli("score-coco", "-r", results, "-l", labels))
+
+
+def test_help_has_examples(cli):
+    for command in (["score-coco"], ["vqa-json"], ["score-vqa"], ["tsv", "images"], ["tsv", "captions"], ["tsv", "questions"]):
+        result = cli(*command, "--help")
+        assert result.exit_code == 0 and "Example" in result.output, command
+
+
+def test_score_coco_spice_without_corenlp_fails_fast(tmp_path, cli, monkeypatch):
+    from pycocoevalcap.spice import get_stanford_models as g
+
+    from gitcli.evaluate import spice
+
+    labels, results = _caption_files(tmp_path)
+    monkeypatch.setattr(spice, "corenlp_jar", lambda: tmp_path / "absent.jar")
+    monkeypatch.setattr(g, "get_stanford_models", lambda: (_ for _ in ()).throw(OSError("no network")))
+    # fails before any scoring starts (no Java launch needed to see this error)
+    assert "SPICE cannot run" in _one_error_line(cli("score-coco", "-r", results, "-l", labels, "--spice"))
