@@ -19,9 +19,23 @@ def test_import_does_not_load_torch():
     assert out.stdout.strip() == "False False"
 
 
-@pytest.mark.parametrize("name", [c[0] for c in COMMANDS])
-def test_every_command_has_help_with_an_example(name):
-    result = runner.invoke(app, [name, "--help"])
+def _all_commands():
+    import importlib
+
+    import typer
+
+    for name, module, attr in COMMANDS:
+        target = getattr(importlib.import_module(f"gitcli.cli.{module}"), attr)
+        if isinstance(target, typer.Typer):  # a group: each of its subcommands
+            for sub in target.registered_commands:
+                yield [name, sub.name or sub.callback.__name__.replace("_", "-")]
+        else:
+            yield [name]
+
+
+@pytest.mark.parametrize("command", list(_all_commands()), ids=" ".join)
+def test_every_command_has_help_with_an_example(command):
+    result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Example" in result.output and "gitcap" in result.output
 
