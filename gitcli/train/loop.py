@@ -33,6 +33,7 @@ from gitcli.model.checkpoint import (LATEST_FILE, load_checkpoint, resolve_check
                                      write_latest)
 from gitcli.train import zero as ds
 from gitcli.train.deepspeed_config import build_config, check_combination, offloads, zero_stage
+from gitcli.train.report import Reporter, check_available
 from gitcli.train.schedule import lr_factor
 from gitcli.train.state import load_state, rng_state, save_state, set_rng_state
 
@@ -106,13 +107,13 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     model_cfg.validate()
     ds_override = check_combination(model_cfg, cfg)  # before anything loads
     stage = zero_stage(cfg, ds_override)
+    check_available(cfg.report_to)
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device.type)
     precision = resolve_precision(cfg.precision, device)
-    own_group = False
     if stage is not None:
         ds.import_deepspeed()
-        own_group = ds.ensure_process_group(device)
+        ds.ensure_process_group(device)
     out = Path(cfg.output_dir)
     resume_from = None
     if cfg.resume:
@@ -153,7 +154,9 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            # find_unused_parameters: a grid tower never runs its pooling head (ln_post, proj)
+            train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   find_unused_parameters=True)
     else:
         optimizer = _optimizer(model, cfg, device, deepspeed_offload=offloads(cfg, ds_override))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -186,6 +189,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
                                                "train": to_dict(cfg), "world_size": world})
     result = TrainResult(out, step, None, best_score=best)
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if is_main_process() else None
+    reporter = (Reporter(cfg.report_to, out, {"model": to_dict(model_cfg), "train": to_dict(cfg)})
+                if cfg.report_to and is_main_process() else None)
 
     def save(tag_step: int) -> Path:
         name = f"checkpoint-{tag_step}"
@@ -225,6 +230,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         if is_main_process():
             metrics.write(json.dumps({"step": step, "validation": report}) + "\n")
             metrics.flush()
+            if reporter is not None:
+                reporter.log({f"val/{k}": v for k, v in report.items()}, step)
             score = report.get("score")
             if score is not None and (result.best_score is None or score > result.best_score):
                 result.best_score = score
@@ -291,10 +298,13 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
                     rate = samples_seen * world / max(elapsed, 1e-9)
                     bar.update(step, step_loss, scheduler.get_last_lr()[0], rate)
                     if metrics is not None and (step % cfg.log_every == 0 or step == total_steps):
-                        metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": sum(window) / len(window),
-                                                  "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
-                                                  "skipped_images": result.skipped_images}) + "\n")
+                        record = {"step": step, "epoch": epoch, "loss": sum(window) / len(window),
+                                  "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
+                                  "skipped_images": result.skipped_images}
+                        metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
+                        if reporter is not None:
+                            reporter.log(record, step)
                         window = []
                     done = step >= total_steps or (stop_after is not None and len(result.losses) >= stop_after)
                     if step % cfg.save_every == 0 or step == total_steps:
@@ -311,10 +321,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     finally:
         if metrics is not None:
             metrics.close()
-        if own_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        if reporter is not None:
+            reporter.close()
     result.steps = step
     result.seconds = time.perf_counter() - start
     result.samples_per_second = samples_seen * world / max(result.seconds, 1e-9)

@@ -31,20 +31,19 @@ def import_deepspeed():
     return deepspeed
 
 
-def ensure_process_group(device: torch.device) -> bool:
+def ensure_process_group(device: torch.device) -> None:
     """DeepSpeed needs a process group even for one process; make a private one if none.
 
-    Returns True when it created one (so the caller tears it down). A one-process group on
-    an in-memory store needs no port and no MPI, which DeepSpeed would otherwise look for.
+    A one-process group on an in-memory store needs no port and no MPI, which DeepSpeed
+    would otherwise look for. It is kept for the life of the process: DeepSpeed caches the
+    groups it derives from it, and a second run in the same process must find them valid.
     """
     import torch.distributed as dist
 
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's sanity check asks for it
-    if dist.is_initialized():
-        return False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                            world_size=1)
-    return True
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
 
 
 def build_optimizer(param_groups: list[dict], lr: float, offload: bool) -> torch.optim.Optimizer:
