@@ -65,13 +65,15 @@ def test_zero3_gathers_weights_for_the_checkpoint(tmp_path, plain_losses):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_zero2_offload_optimizer(tmp_path, plain_losses):
-    """Offload on CPU: the optimizer step runs in DeepSpeedCPUAdam (a JIT-built op).
+@pytest.mark.parametrize("stage", [2, 3])
+def test_offload_optimizer_and_params(tmp_path, plain_losses, stage):
+    """Offload on CPU: the optimizer step runs in DeepSpeedCPUAdam (a JIT-built op); ZeRO-3
+    also offloads the parameters.
 
     On a CPU-only machine the accelerator *is* the host, so this checks the code path and
     the numbers, not the memory saving."""
-    result = train(tiny_model_config(), DATA, _cfg(tmp_path, "off", zero=2, offload=True, max_steps=2, save_every=2),
-                   progress=False)
+    result = train(tiny_model_config(), DATA,
+                   _cfg(tmp_path, "off", zero=stage, offload=True, max_steps=2, save_every=2), progress=False)
     assert result.losses == pytest.approx(plain_losses[:2], rel=1e-4, abs=1e-5)
 
 
@@ -163,3 +165,30 @@ def test_config_from_options_and_file_override(tmp_path):
     assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert off["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert "torch_autocast" not in off
+
+
+# ---- --report-to --------------------------------------------------------------------------
+def test_report_to_tensorboard_writes_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    train(tiny_model_config(), DATA, _cfg(tmp_path, "tb", max_steps=2, report_to="tensorboard"), progress=False)
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_report_to_missing_package_is_one_clear_error(tmp_path, nothing_loads, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(GitcapError, match="--report-to wandb needs the wandb package"):
+        train(tiny_model_config(), DATA, _cfg(tmp_path, "x", report_to="wandb"), progress=False)
+
+
+def test_cli_refuses_zero3_with_int8_in_one_line():
+    from typer.testing import CliRunner
+
+    from gitcli.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--lm", "gpt2", "--int8", "--lora", "4", "--zero", "3"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+        "error: ZeRO-3 partitions every weight, which an 8-bit LM cannot be; use --zero 2 with --int8, or drop --int8"]
