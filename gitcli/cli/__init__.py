@@ -50,6 +50,9 @@ def _root(
         Optional[bool],
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = None,
+    # The `deepspeed --module gitcli` launcher passes --local_rank=N before the command;
+    # the rank is read from LOCAL_RANK, which it sets too.
+    local_rank: Annotated[Optional[int], typer.Option("--local_rank", hidden=True)] = None,
 ) -> None:
     """Train, run and score CLIP-prefix image-to-text models (captioning and VQA)."""
 

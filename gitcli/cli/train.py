@@ -55,11 +55,19 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its latest checkpoint.")] = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
+    zero: Annotated[Optional[int], typer.Option("--zero", min=0, max=3, help="DeepSpeed ZeRO stage 0-3 (default: no DeepSpeed; DDP under torchrun).")] = None,
+    offload: Annotated[bool, typer.Option("--offload", help="ZeRO 2/3: optimizer state (ZeRO-3: also weights) in host RAM.")] = False,
+    deepspeed_config: Annotated[Optional[Path], typer.Option("--deepspeed-config", help="JSON file whose keys override the DeepSpeed config built from the options.")] = None,
+    report_to: Annotated[Optional[str], typer.Option("--report-to", help="Also log metrics to tensorboard or wandb (when installed).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print parameter counts and estimated peak memory per GPU, then exit (loads no weights; GPUs from WORLD_SIZE).")] = False,
 ) -> None:
     """Train a captioner on shards, a CC TSV or synthetic data; resumable.
 
     Examples: gitcap train --data synthetic --preset tiny --max-steps 300 --output-dir runs/tiny;
     gitcap train --data data/cc3m/train --vision ViT-L/14 --lm opt-2.7b --output-dir runs/cc3m
+
+    Several GPUs: torchrun --nproc_per_node 8 -m gitcli train ... [--zero 2], or
+    deepspeed --module gitcli train ... --zero 3. Check memory first: gitcap train ... --dry-run
     """
     from gitcli.config import DataConfig, TrainConfig
     from gitcli.train.loop import train as run_training
@@ -69,6 +77,7 @@ def train(
         preset=preset, vision=vision, vision_pretrained=vision_pretrained, lm=lm, mapping=mapping,
         prefix_length=prefix_length, grid=grid, int8=int8, dtype=dtype, train_vision=train_vision, lora=lora,
         train_lm=train_lm)
+
     def opt(path):
         return str(path) if path is not None else None
 
@@ -79,7 +88,13 @@ def train(
         lr=lr, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
         clip_grad=clip_grad or None, grad_checkpointing=grad_checkpointing, seed=seed, device=device,
         precision=precision, save_every=save_every, keep_last=keep_last, log_every=log_every, val_data=val_data,
-        val_samples=val_samples, resume=resume, init_from=str(init_from) if init_from else None)
+        val_samples=val_samples, resume=resume, init_from=str(init_from) if init_from else None, zero=zero,
+        offload=offload, deepspeed_config=str(deepspeed_config) if deepspeed_config else None, report_to=report_to)
+    if dry_run:
+        from gitcli.cli.dry_run import print_dry_run
+
+        print_dry_run(model_cfg, data_cfg, train_cfg)
+        return
     validator = make_validator(val_data, val_samples, data_cfg) if val_data else None
     result = run_training(model_cfg, data_cfg, train_cfg, validator=validator)
     from rich.table import Table

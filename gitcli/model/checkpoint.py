@@ -57,6 +57,17 @@ def _vision_is_saved(config: ModelConfig) -> bool:
     return config.train_vision or config.vision_pretrained is None or config.preset == "tiny"
 
 
+def saved_parameters(captioner: Captioner) -> list[torch.nn.Parameter]:
+    """The parameters a checkpoint writes: what a ZeRO-3 run must gather before saving."""
+    config = captioner.config
+    params = list(captioner.mapping.parameters())
+    if _vision_is_saved(config):
+        params += list(captioner.vision.parameters())
+    lm = captioner.lm.parameters()
+    params += list(lm) if _lm_is_saved(config) else [p for p in lm if p.requires_grad]  # LoRA adapters
+    return params
+
+
 def save_checkpoint(captioner: Captioner, directory: str | Path, extra: dict | None = None,
                     also_write: Callable[[Path], None] | None = None) -> Path:
     """Write atomically: into a temporary sibling, then rename over `directory`.

@@ -1,13 +1,16 @@
-"""The training loop: one process, or one per GPU under torchrun (DDP).
+"""The training loop: one process, one per GPU under torchrun (DDP), or DeepSpeed ZeRO.
 
 Shape of a run: build or load the captioner, build the data, then for each optimizer step
 run `grad_accum` micro-batches, skip the step if the loss was not finite, clip, step,
 log, and every `save_every` steps write `checkpoint-STEP/` (weights + resume state)
-atomically, point `latest` at it, validate, and keep the best.
+atomically, point `latest` at it, validate, and keep the best. With `--zero` the
+model and optimizer live in a DeepSpeed engine (`gitcli.train.zero`); only the backward,
+step, save and resume lines differ.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -26,7 +29,11 @@ from gitcli.dist import (all_reduce_mean, autocast, barrier, init_distributed, i
                          resolve_precision)
 from gitcli.errors import GitcapError
 from gitcli.model.captioner import Captioner, apply_lora, build_captioner, freeze_for_training
-from gitcli.model.checkpoint import LATEST_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint, write_latest
+from gitcli.model.checkpoint import (LATEST_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint, saved_parameters,
+                                     write_latest)
+from gitcli.train import zero as ds
+from gitcli.train.deepspeed_config import build_config, check_combination, offloads, zero_stage
+from gitcli.train.report import Reporter, check_available
 from gitcli.train.schedule import lr_factor
 from gitcli.train.state import load_state, rng_state, save_state, set_rng_state
 
@@ -73,11 +80,16 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+               deepspeed_offload: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW; `deepspeed_offload` (not None) means the optimizer is handed to DeepSpeed."""
     decay, no_decay = [], []
     for p in _trainable(model):
         (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norms
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # DeepSpeed refuses empty groups
+    if deepspeed_offload is not None:
+        return ds.build_optimizer(groups, cfg.lr, deepspeed_offload)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
 
 
@@ -93,9 +105,15 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     """Run training; returns a summary. `stop_after` ends the process's run early (tests)."""
     cfg.validate()
     model_cfg.validate_for_training()
+    ds_override = check_combination(model_cfg, cfg)  # before anything loads
+    stage = zero_stage(cfg, ds_override)
+    check_available(cfg.report_to)
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device.type)
     precision = resolve_precision(cfg.precision, device)
+    if stage is not None:
+        ds.import_deepspeed()
+        ds.ensure_process_group(device)
     out = Path(cfg.output_dir)
     resume_from = None
     if cfg.resume:
@@ -129,22 +147,36 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
 
     train_module: torch.nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    engine = None
     model.train()
-    optimizer = _optimizer(model, cfg, device)
+    if stage is None:
+        optimizer = _optimizer(model, cfg, device)
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # find_unused_parameters: a grid tower never runs its pooling head (ln_post, proj)
+            train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   find_unused_parameters=True)
+    else:
+        optimizer = _optimizer(model, cfg, device, deepspeed_offload=offloads(cfg, ds_override))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.schedule))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and stage is None)
+    if stage is not None:
+        # DeepSpeed does autocast (its torch_autocast section), loss scaling and clipping.
+        engine = ds.initialize(model, optimizer, build_config(cfg, precision=precision, world=world, stage=stage,
+                                                               override=ds_override))
+        train_module = engine
 
     step, epoch, micro_done, best, nonfinite_run = 0, 0, 0, None, 0
     if resume_from is not None:
         state = load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        if engine is None:
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+        else:
+            ds.load_engine_state(engine, resume_from)
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         step, epoch, micro_done = int(state["step"]), int(state["epoch"]), int(state["micro_done"])
         best = state.get("best")
@@ -157,18 +189,35 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
                                                "train": to_dict(cfg), "world_size": world})
     result = TrainResult(out, step, None, best_score=best)
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if is_main_process() else None
+    reporter = (Reporter(cfg.report_to, out, {"model": to_dict(model_cfg), "train": to_dict(cfg)})
+                if cfg.report_to and is_main_process() else None)
 
     def save(tag_step: int) -> Path:
         name = f"checkpoint-{tag_step}"
         rngs = _gather_rng(world)
-        if is_main_process():
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rngs, "step": tag_step, "epoch": epoch,
-                     "micro_done": micro_done, "best": result.best_score}
-            path = save_checkpoint(model, out / name, extra={"step": tag_step},
-                                   also_write=lambda tmp: save_state(tmp, state))
-            write_latest(out, name)
-            _prune(out, cfg.keep_last)
+        state = {"scheduler": scheduler.state_dict(), "rng": rngs, "step": tag_step, "epoch": epoch,
+                 "micro_done": micro_done, "best": result.best_score}
+        staging = out / f".{name}.deepspeed"
+        if engine is None:
+            if is_main_process():
+                state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+        else:  # every rank writes its optimizer partition, then rank 0 moves them in
+            if is_main_process():
+                shutil.rmtree(staging, ignore_errors=True)
+            barrier()
+            ds.save_engine_state(engine, staging)
+            barrier()
+
+        def also_write(tmp: Path) -> None:
+            save_state(tmp, state)
+            if engine is not None:
+                ds.move_engine_state(staging, tmp)
+
+        with ds.gathered(model, stage or 0, saved_parameters(model)):
+            if is_main_process():
+                save_checkpoint(model, out / name, extra={"step": tag_step}, also_write=also_write)
+                write_latest(out, name)
+                _prune(out, cfg.keep_last)
         barrier()
         return out / name
 
@@ -181,6 +230,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         if is_main_process():
             metrics.write(json.dumps({"step": step, "validation": report}) + "\n")
             metrics.flush()
+            if reporter is not None:
+                reporter.log({f"val/{k}": v for k, v in report.items()}, step)
             score = report.get("score")
             if score is not None and (result.best_score is None or score > result.best_score):
                 result.best_score = score
@@ -202,11 +253,16 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
                     micro_done += 1
                     result.skipped_images += batch["skipped"]
                     if batch["size"] > 0:
-                        with autocast(precision, device):
+                        with autocast(precision, device) if engine is None else contextlib.nullcontext():
                             loss, _ = train_module(batch["pixel_values"].to(device), batch["input_ids"].to(device),
                                                    batch["attention_mask"].to(device), batch["labels"].to(device))
                         bad |= not bool(torch.isfinite(loss))
-                        if not bad:
+                        if not bad and engine is not None:
+                            # DeepSpeed divides by grad_accum and reduces at the boundary
+                            engine.set_gradient_accumulation_boundary(micro_done % cfg.grad_accum == 0)
+                            engine.backward(loss)
+                            group_losses.append(float(loss.detach()))
+                        elif not bad:
                             scaler.scale(loss / cfg.grad_accum).backward()
                             group_losses.append(float(loss.detach()))
                         samples_seen += batch["size"]
@@ -214,7 +270,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
                         continue
                     # ---- one optimizer step ----
                     if all_reduce_mean(float(bad or not group_losses), device) > 0:
-                        optimizer.zero_grad(set_to_none=True)
+                        (engine or optimizer).zero_grad()
                         result.nonfinite_steps += 1
                         nonfinite_run += 1
                         if nonfinite_run >= cfg.max_nonfinite:
@@ -223,12 +279,15 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
                         group_losses, bad = [], False
                         continue
                     nonfinite_run = 0
-                    if cfg.clip_grad:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(_trainable(model), cfg.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
+                    if engine is not None:
+                        engine.step()  # clips (gradient_clipping), steps, zeroes the gradients
+                    else:
+                        if cfg.clip_grad:
+                            scaler.unscale_(optimizer)
+                            torch.nn.utils.clip_grad_norm_(_trainable(model), cfg.clip_grad)
+                        scaler.step(optimizer)
+                        scaler.update()
+                        optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
                     step += 1
                     step_loss = all_reduce_mean(sum(group_losses) / len(group_losses), device)
@@ -239,10 +298,13 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
                     rate = samples_seen * world / max(elapsed, 1e-9)
                     bar.update(step, step_loss, scheduler.get_last_lr()[0], rate)
                     if metrics is not None and (step % cfg.log_every == 0 or step == total_steps):
-                        metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": sum(window) / len(window),
-                                                  "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
-                                                  "skipped_images": result.skipped_images}) + "\n")
+                        record = {"step": step, "epoch": epoch, "loss": sum(window) / len(window),
+                                  "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
+                                  "skipped_images": result.skipped_images}
+                        metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
+                        if reporter is not None:
+                            reporter.log(record, step)
                         window = []
                     done = step >= total_steps or (stop_after is not None and len(result.losses) >= stop_after)
                     if step % cfg.save_every == 0 or step == total_steps:
@@ -259,6 +321,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     finally:
         if metrics is not None:
             metrics.close()
+        if reporter is not None:
+            reporter.close()
     result.steps = step
     result.seconds = time.perf_counter() - start
     result.samples_per_second = samples_seen * world / max(result.seconds, 1e-9)

@@ -1,0 +1,228 @@
+"""`gitcap train --dry-run`: parameter counts and an estimate of peak memory per GPU.
+
+The model is built on the `meta` device from configs only (open_clip's model config, the
+LM's `AutoConfig`): shapes and dtypes, no weights, nothing downloaded. The estimate is a
+sum of four parts, each per GPU, for a run on GPUs (frozen weights stored in `--dtype`,
+`auto` = bf16; compute in `--precision`, default bf16):
+
+- weights: every parameter at its storage size (int8 LM linears 1 byte, trained parts fp32
+  as gitcap keeps them); ZeRO-3 splits them over the GPUs; ZeRO-3 + offload keeps them on
+  the host;
+- gradients: trainable parameters at their dtype; ZeRO-2/3 split them;
+- optimizer: AdamW's two moments per trainable parameter at its dtype; ZeRO-1/2/3 split
+  them; with offload they live in host RAM (reported separately);
+- activations kept for backward, per transformer layer `B*T*(6*D + 2*F) + 2*B*H*T*T`
+  elements (input, norm, q, k, v, attention output; FFN hidden and its activation; scores
+  and softmax, eager attention) plus the LM head's logits over the text, in the compute
+  dtype plus an fp32 copy for the loss. The LM always back-propagates (the mapping's
+  gradient passes through it); the vision tower only with `--train-vision`. Gradient
+  checkpointing keeps each layer's input and one layer's full activations.
+Not counted: the CUDA context and allocator slack (often 0.5-1 GiB), temporary buffers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from gitcli.config import ModelConfig, TrainConfig
+from gitcli.errors import GitcapError
+
+GIB = 1024**3
+
+
+@dataclass
+class Stack:
+    """A transformer stack's shape, for activations: layers, width, FFN width, heads, tokens."""
+
+    name: str
+    layers: int
+    width: int
+    ffn: int
+    heads: int
+    tokens: int
+
+
+@dataclass
+class MemoryEstimate:
+    trainable: int
+    frozen: int
+    weights: int  # bytes per GPU
+    gradients: int
+    optimizer: int
+    activations: int
+    host_offload: int = 0  # bytes in host RAM per process (offload)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+# ---- the model on the meta device ----------------------------------------------------------
+def _lm_config(model_cfg: ModelConfig):
+    """The LM's transformers config from a local directory or the HF cache; never downloads
+    when HF_HUB_OFFLINE=1."""
+    from transformers import AutoConfig
+
+    name = model_cfg.lm
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise GitcapError(f"--dry-run needs the config of {name!r}, which is not a local directory nor in the "
+                          "Hugging Face cache, and the hub is off (HF_HUB_OFFLINE=1)")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):
+        raise GitcapError(f"--dry-run needs the config of {name!r} and could not read it locally or from the hub") from None
+
+
+def build_meta_captioner(model_cfg: ModelConfig, vocabulary: list[str] | None = None):
+    """The captioner with every tensor on `meta`, in the dtypes a GPU run would use."""
+    import open_clip
+
+    from gitcli.model.captioner import Captioner, apply_lora, freeze_for_training
+    from gitcli.model.lm import TORCH_DTYPES
+    from gitcli.model.mapping import build_mapping
+    from gitcli.model.vision import VisionTower, _register_configs
+
+    model_cfg.validate()
+    dtype = TORCH_DTYPES.get(model_cfg.dtype, torch.bfloat16)  # auto on a GPU: bf16
+    _register_configs()
+    if open_clip.get_model_config(model_cfg.vision) is None:
+        raise GitcapError(f"unknown vision tower {model_cfg.vision!r}; use an open_clip model name such as "
+                          "RN50, ViT-B-32, ViT-L-14")
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # "no pretrained weights loaded" is the point here
+    try:
+        visual = open_clip.create_model(model_cfg.vision, pretrained=None, device="meta").visual
+    finally:
+        root.setLevel(level)
+    with torch.device("meta"):
+        vision = VisionTower(visual, grid=model_cfg.grid)
+        if model_cfg.preset == "tiny":
+            from gitcli.model.tiny import build_tiny_lm, build_tiny_tokenizer
+
+            lm = build_tiny_lm(build_tiny_tokenizer(vocabulary or []))
+        else:
+            from transformers import AutoModelForCausalLM
+
+            lm = AutoModelForCausalLM.from_config(_lm_config(model_cfg))
+        lm.to(dtype)
+        mapping = build_mapping(model_cfg, vision.feature_dim, vision.num_tokens,
+                                lm.get_input_embeddings().embedding_dim).float()
+        vision.to(torch.float32 if model_cfg.train_vision else dtype)
+        captioner = Captioner(model_cfg, vision, mapping, lm, tokenizer=None)
+        if model_cfg.lora_rank > 0:
+            apply_lora(captioner)
+    freeze_for_training(captioner)
+    return captioner
+
+
+# ---- counting ------------------------------------------------------------------------------
+def _int8_weights(lm: torch.nn.Module) -> set[int]:
+    """ids of the weights bitsandbytes stores in int8: the LM's linear layers but the head."""
+    head = lm.get_output_embeddings()
+    return {id(m.weight) for m in lm.modules() if isinstance(m, torch.nn.Linear) and m is not head
+            and not m.weight.requires_grad}
+
+
+def lm_stack(lm_config, tokens: int) -> Stack:
+    text = lm_config.get_text_config() if hasattr(lm_config, "get_text_config") else lm_config
+    width = int(text.hidden_size)
+    ffn = next((int(v) for k in ("intermediate_size", "ffn_dim", "n_inner")
+                if (v := getattr(text, k, None))), 4 * width)
+    return Stack("LM", int(text.num_hidden_layers), width, ffn, int(text.num_attention_heads), tokens)
+
+
+def vision_stack(visual: torch.nn.Module) -> Stack | None:
+    """A ViT tower's stack; None for towers whose activations are not modelled (ResNets)."""
+    if not (hasattr(visual, "transformer") and hasattr(visual, "conv1")):
+        return None
+    block = visual.transformer.resblocks[0]
+    width = int(visual.transformer.width)
+    grid = visual.grid_size
+    return Stack("vision", len(visual.transformer.resblocks), width, int(block.mlp.c_fc.out_features),
+                 int(block.attn.num_heads), int(grid[0] * grid[1]) + 1)
+
+
+def activation_elements(stack: Stack, batch: int, checkpointing: bool) -> int:
+    """Elements kept for backward by one transformer stack (see the module docstring)."""
+    b, t = batch, stack.tokens
+    per_layer = b * t * (6 * stack.width + 2 * stack.ffn) + 2 * b * stack.heads * t * t
+    if checkpointing:
+        return stack.layers * b * t * stack.width + per_layer
+    return stack.layers * per_layer
+
+
+def estimate(captioner, cfg: TrainConfig, *, world: int, stage: int | None, offload: bool,
+             precision: str, text_tokens: int) -> MemoryEstimate:
+    """Per-GPU estimate for `captioner` (built on meta) trained with `cfg`."""
+    stage = stage or 0
+    int8 = _int8_weights(captioner.lm) if captioner.config.int8 else set()
+    trainable = frozen = weight_bytes = grad_bytes = 0
+    for p in captioner.parameters():
+        size = p.element_size()
+        if id(p) in int8:
+            size = 1
+        weight_bytes += p.numel() * size
+        if p.requires_grad:
+            trainable += p.numel()
+            grad_bytes += p.numel() * size
+        else:
+            frozen += p.numel()
+    opt_bytes = 2 * grad_bytes  # AdamW: exp_avg and exp_avg_sq in the parameter's dtype
+    notes = []
+    host = 0
+    if stage >= 1:
+        opt_bytes //= world
+    if stage >= 2:
+        grad_bytes //= world
+    if stage >= 3:
+        weight_bytes //= world
+    if offload:
+        host += opt_bytes
+        opt_bytes = 0
+        if stage >= 3:
+            host += weight_bytes
+            weight_bytes = 0
+            notes.append("ZeRO-3 offload: weights stream in from host RAM layer by layer (not counted)")
+
+    act_bytes = 2 if precision in ("bf16", "fp16") else 4
+    b = cfg.batch_size
+    lm = lm_stack(captioner.lm.config, captioner.prefix_length + text_tokens)
+    # the loop checkpoints the LM only when it trains, the tower only with --train-vision
+    acts = activation_elements(lm, b, cfg.grad_checkpointing and captioner.config.lm_trained) * act_bytes
+    vocab = int(captioner.lm.get_output_embeddings().weight.shape[0])
+    acts += b * (text_tokens + 1) * vocab * (act_bytes + 4)  # logits + the fp32 copy for the loss
+    if captioner.config.train_vision:
+        vstack = vision_stack(captioner.vision.visual)
+        if vstack is None:
+            notes.append("vision tower activations not estimated for this (ResNet) tower")
+        else:
+            acts += activation_elements(vstack, b, cfg.grad_checkpointing) * act_bytes
+    return MemoryEstimate(trainable, frozen, weight_bytes, grad_bytes, opt_bytes, acts, host, notes)
+
+
+def dry_run(model_cfg: ModelConfig, cfg: TrainConfig, *, text_tokens: int, world: int | None = None) -> MemoryEstimate:
+    """What `--dry-run` prints: checks the options, builds on meta, estimates; loads nothing."""
+    from gitcli.train.deepspeed_config import check_combination, offloads, zero_stage
+
+    override = check_combination(model_cfg, cfg)
+    stage = zero_stage(cfg, override)
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    vocabulary = None
+    if model_cfg.preset == "tiny":
+        from gitcli.data.synthetic import vocabulary as synthetic_vocabulary
+
+        vocabulary = synthetic_vocabulary()
+    captioner = build_meta_captioner(model_cfg, vocabulary)
+    return estimate(captioner, cfg, world=world, stage=stage, offload=offloads(cfg, override),
+                    precision=cfg.precision or "bf16", text_tokens=text_tokens)
