@@ -198,6 +198,7 @@ class DataConfig:
     annotations: str | None = None  # VQA annotations JSON
     images: str | None = None  # VQA: GIT image TSV instead of an image folder
     task: str = "both"  # synthetic: captions, vqa or both
+    questions_per_scene: int = 0  # synthetic: questions drawn per scene (0 = all)
     max_target_tokens: int = 32
     num_workers: int = 2
 

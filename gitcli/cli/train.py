@@ -36,6 +36,7 @@ def train(
     annotations: Annotated[Optional[Path], typer.Option("--annotations", help="VQA annotations JSON; the target is the most common human answer.")] = None,
     synthetic_size: Annotated[int, typer.Option("--synthetic-size", min=1, help="Scenes in the synthetic set.")] = 2000,
     task: Annotated[str, typer.Option("--task", help="synthetic data: captions, vqa or both.")] = "both",
+    questions_per_scene: Annotated[int, typer.Option("--questions-per-scene", min=0, help="synthetic data: questions drawn per scene (0 = all).")] = 0,
     val_data: Annotated[Optional[str], typer.Option("--val-data", help="Validation source (synthetic = a held-out synthetic set).")] = None,
     val_samples: Annotated[int, typer.Option("--val-samples", min=1, help="Validation items scored at each save.")] = 200,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 1,
@@ -82,7 +83,8 @@ def train(
         return str(path) if path is not None else None
 
     data_cfg = DataConfig(source=data, synthetic_size=synthetic_size, image_root=opt(image_root), captions=opt(captions),
-                          questions=opt(questions), annotations=opt(annotations), task=task, num_workers=num_workers)
+                          questions=opt(questions), annotations=opt(annotations), task=task,
+                          questions_per_scene=questions_per_scene, num_workers=num_workers)
     train_cfg = TrainConfig(
         output_dir=str(output_dir), epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,

@@ -6,6 +6,7 @@ record's image reference into a PIL image, raising GitcapError when it cannot.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from gitcli.config import DataConfig
@@ -160,8 +161,10 @@ def shard_records(source: str) -> list[Record]:
     return records
 
 
-def synthetic_records(size: int, seed: int, task: str) -> list[Record]:
-    """Each scene gives its canonical caption and/or all its question/answer pairs."""
+def synthetic_records(size: int, seed: int, task: str, questions_per_scene: int = 0) -> list[Record]:
+    """Each scene gives its canonical caption and/or its question/answer pairs: all of
+    them, or `questions_per_scene` drawn (seeded) from them, which keeps captions from
+    being outnumbered when both tasks train together."""
     if task not in ("captions", "vqa", "both"):
         raise GitcapError("--task takes captions, vqa or both")
     records = []
@@ -170,7 +173,10 @@ def synthetic_records(size: int, seed: int, task: str) -> list[Record]:
         if task in ("captions", "both"):
             records.append(Record(i, None, scene.captions[0], key=str(i)))
         if task in ("vqa", "both"):
-            records.extend(Record(i, q, a, key=str(i)) for q, a in scene.qa)
+            qa = scene.qa
+            if 0 < questions_per_scene < len(qa):
+                qa = random.Random(f"{seed}:{i}:questions").sample(qa, questions_per_scene)
+            records.extend(Record(i, q, a, key=str(i)) for q, a in qa)
     return records
 
 
@@ -205,7 +211,8 @@ def build_source(cfg: DataConfig):
     """-> (records, loader, notes) for the configured source."""
     src = cfg.source
     if src == "synthetic":
-        return synthetic_records(cfg.synthetic_size, cfg.synthetic_seed, cfg.task), SyntheticImages(cfg.synthetic_seed), {}
+        records = synthetic_records(cfg.synthetic_size, cfg.synthetic_seed, cfg.task, cfg.questions_per_scene)
+        return records, SyntheticImages(cfg.synthetic_seed), {}
     path = Path(src)
     if cfg.questions or cfg.annotations:
         if not (cfg.questions and cfg.annotations):

@@ -68,6 +68,13 @@ def saved_parameters(captioner: Captioner) -> list[torch.nn.Parameter]:
     return params
 
 
+def _quiet_transformers() -> None:
+    """transformers draws a progress bar for every tiny save/load; gitcap shows its own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def save_checkpoint(captioner: Captioner, directory: str | Path, extra: dict | None = None,
                     also_write: Callable[[Path], None] | None = None) -> Path:
     """Write atomically: into a temporary sibling, then rename over `directory`.
@@ -75,6 +82,7 @@ def save_checkpoint(captioner: Captioner, directory: str | Path, extra: dict | N
     `also_write(tmp_dir)` adds files (a training run's resume state) before the rename,
     so the checkpoint and its state appear together or not at all.
     """
+    _quiet_transformers()
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -149,6 +157,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
                     int8: bool | None = None) -> Captioner:
     """Rebuild exactly the saved model. `dtype`/`int8` override how frozen weights are held."""
     ckpt, config, _ = read_checkpoint_config(path)
+    _quiet_transformers()
     if dtype is not None:
         config.dtype = dtype
     if int8 is not None:
