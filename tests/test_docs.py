@@ -52,3 +52,32 @@ def test_documented_invocation_exists(where, command, options):
         if option in ("--help",):
             continue
         assert option in result.output, f"{where}: `gitcap {' '.join(command)}` has no {option}"
+
+
+def _reference_rows():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Command reference"):]
+    section = section[: section.index("\n## ", 5)]
+    for line in section.splitlines():
+        m = re.match(r"\| `gitcap ([a-z-]+)([^`]*)` \|[^|]*\| (.*) \|$", line)
+        if m:
+            name, rest, options = m.group(1), m.group(2), m.group(3)
+            subs = re.findall(r"[a-z]+", rest.split()[0]) if name in GROUPS and rest.strip() else []
+            yield name, subs, re.findall(r"`(--[a-z0-9-]+)`", options)
+
+
+REFERENCE = list(_reference_rows())
+
+
+def test_reference_table_lists_every_command():
+    from gitcli.cli import COMMANDS
+
+    assert sorted(r[0] for r in REFERENCE) == sorted(c[0] for c in COMMANDS)
+
+
+@pytest.mark.parametrize("name,subs,options", REFERENCE, ids=[r[0] for r in REFERENCE])
+def test_reference_table_matches_help(name, subs, options):
+    helps = [runner.invoke(app, [name, *([s] if s else []), "--help"], terminal_width=200) for s in (subs or [None])]
+    assert all(h.exit_code == 0 for h in helps)
+    for option in options:
+        assert any(option in h.output for h in helps), f"`gitcap {name}` has no {option}"
