@@ -1,8 +1,6 @@
 """--dry-run: counts from a meta-device model, and each part of the memory estimate checked
 against numbers worked out by hand for the tiny preset."""
 
-import pytest
-import torch
 from typer.testing import CliRunner
 
 from gitcli.cli import app

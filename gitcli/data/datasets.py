@@ -29,7 +29,7 @@ class Record:
 
 
 class RecordDataset(Dataset):
-    def __init__(self, records: list[Record], load_image: Callable[[Any], "Image.Image"], transform,
+    def __init__(self, records: list[Record], load_image: Callable[[Any], Any], transform,
                  tokenizer, model_config: ModelConfig, max_target_tokens: int = 32) -> None:
         self.records = records
         self.load_image = load_image
