@@ -214,6 +214,8 @@ def build_source(cfg: DataConfig):
         records = synthetic_records(cfg.synthetic_size, cfg.synthetic_seed, cfg.task, cfg.questions_per_scene)
         return records, SyntheticImages(cfg.synthetic_seed), {}
     path = Path(src)
+    if "{" not in src and not path.exists():
+        raise GitcapError(f"training data not found: {src}")
     if cfg.questions or cfg.annotations:
         if not (cfg.questions and cfg.annotations):
             raise GitcapError("VQA training needs both --questions and --annotations")
