@@ -28,9 +28,6 @@ LmLayersOpt = Annotated[Optional[int], typer.Option("--lm-layers", min=1, help="
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the LM.")]
 PeakOpt = Annotated[Optional[float], typer.Option("--peak-tflops", min=0.0, help="The device's peak TFLOP/s for MFU when gitcap's table (H100, H200, A100 bf16) does not know it.")]
 JsonFileOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write every number, the options, versions, device and date to this JSON file.")]
-FLOPS_HELP = ("FLOPs per sample: 6·N·tokens for trained parts, 4·N·tokens for frozen parts gradients flow back "
-              "through (the LM under a trained mapping), 2·N·tokens for frozen parts they do not (a frozen tower); "
-              "vision and mapping counted by torch's FlopCounterMode, LM as 2·N per position.")
 
 
 def _bench_config(*, preset, vision, lm, mapping, prefix_length, grid, int8, dtype, train_vision, lora, train_lm,
