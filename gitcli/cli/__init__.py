@@ -35,6 +35,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("vqa-json", "vqa_json", "vqa_json"),
     ("score-vqa", "score_vqa", "score_vqa"),
     ("tsv", "tsv", "app"),
+    ("bench", "bench", "app"),
 ]
 
 

@@ -52,11 +52,20 @@ def generate(captioner, pixel_values: torch.Tensor, prompts: list[str] | None, c
     prompts = prompts if prompts is not None else [captioner.config.caption_prompt] * batch
     ids, mask = encode_prompts(tokenizer, prompts)
     embeds, mask, positions = captioner.join(prefix, ids.to(prefix.device), mask.to(prefix.device), left_pad=True)
-    if config.beams > 1:
-        seqs = _beam_search(lm, embeds, mask, positions, config, tokenizer.eos_token_id)
-    else:
-        seqs = _greedy_or_sample(lm, embeds, mask, positions, config, tokenizer.eos_token_id)
+    seqs = decode_tokens(lm, embeds, mask, positions, config, tokenizer.eos_token_id)
     return [Generation(tokenizer.decode(t, skip_special_tokens=True).strip(), t, s) for t, s in seqs]
+
+
+def decode_tokens(lm, embeds, mask, positions, config: GenerationConfig, eos: int | None):
+    """Decode from prepared inputs (left-padded). -> (token ids, beam score or None) per row.
+
+    `eos=None` never stops early: every row gets exactly `max_new_tokens` tokens, the fixed
+    workload `gitcap bench generate` times (random weights emit EOS at random).
+    """
+    eos = -1 if eos is None else eos  # -1 is no token id, so nothing ever ends
+    if config.beams > 1:
+        return _beam_search(lm, embeds, mask, positions, config, eos)
+    return _greedy_or_sample(lm, embeds, mask, positions, config, eos)
 
 
 def _greedy_or_sample(lm, embeds, mask, positions, config: GenerationConfig, eos: int):

@@ -144,7 +144,6 @@ def build_captioner(
     pretrained = config.vision_pretrained if vision_pretrained is ... else vision_pretrained
 
     visual = create_clip_visual(config.vision, pretrained)
-    vision = VisionTower(visual, grid=config.grid)
 
     if config.preset == "tiny" and lm_path is None:
         from gitcli.model.tiny import build_tiny_lm, build_tiny_tokenizer
@@ -160,6 +159,14 @@ def build_captioner(
         tokenizer = load_tokenizer(str(tokenizer_path) if tokenizer_path is not None else source)
         lm = load_lm(source, dtype=dtype, int8=config.int8, device=device)
 
+    return assemble_captioner(config, visual, lm, tokenizer, device=device, dtype=dtype)
+
+
+def assemble_captioner(config: ModelConfig, visual: nn.Module, lm: nn.Module, tokenizer, *,
+                       device: torch.device, dtype: torch.dtype) -> Captioner:
+    """A built tower and LM (on `device`, frozen weights in `dtype`) -> the captioner, frozen as
+    the config says. Shared with `gitcap bench`, which builds its LM from a config at random."""
+    vision = VisionTower(visual, grid=config.grid)
     lm_dim = lm.get_input_embeddings().embedding_dim
     mapping = build_mapping(config, vision.feature_dim, vision.num_tokens, lm_dim)
     # Trained parts stay fp32 (autocast computes in low precision); frozen ones may not.
