@@ -65,11 +65,12 @@ def evaluate_records(model, records: list[Record], load_image, references: dict[
     cap_refs: dict[str, list[str]] = {}
     preds, answers = [], []
     loss_sum, loss_n = 0.0, 0
+    transform = model.image_transform()
     captions = [r for r in records if r.question is None]
     questions = [r for r in records if r.question is not None]
     for group, group_gen in ((captions, gen), (questions, answer_gen)):
         for chunk in _batches(group, batch_size):
-            outs, loss = _decode(model, chunk, load_image, group_gen, precision, with_loss)
+            outs, loss = _decode(model, chunk, load_image, transform, group_gen, precision, with_loss)
             if loss is not None:
                 loss_sum, loss_n = loss_sum + loss * len(chunk), loss_n + len(chunk)
             for rec, out in zip(chunk, outs):
@@ -93,10 +94,10 @@ def evaluate_records(model, records: list[Record], load_image, references: dict[
     return result
 
 
-def _decode(model, chunk: list[Record], load_image, gen: GenerationConfig, precision: str, with_loss: bool):
+def _decode(model, chunk: list[Record], load_image, transform, gen: GenerationConfig, precision: str,
+            with_loss: bool):
     """One batch: (generations, mean loss or None)."""
     device = model.device
-    transform = model.image_transform()
     pixels = torch.stack([transform(load_image(r.image)) for r in chunk]).to(device)
     prompts = [prompt_text(model.config, r.question) for r in chunk]
     loss = None
