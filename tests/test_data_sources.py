@@ -79,6 +79,7 @@ def test_cc_tsv_with_image_root(tmp_path, scenes):
     result = train(tiny_model_config(), DataConfig(source=str(tsv), image_root=str(root), num_workers=0), cfg,
                    progress=False)
     assert result.skipped_images == 1
+    assert result.data_notes == {"missing images": 1}  # shown in the training summary
 
 
 def test_synthetic_source_mixes_captions_and_questions():

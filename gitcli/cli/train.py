@@ -106,6 +106,8 @@ def train(
     table.add_row("final loss", f"{result.losses[-1]:.4f}" if result.losses else "-")
     table.add_row("samples/s", f"{result.samples_per_second:.1f}")
     table.add_row("skipped images", str(result.skipped_images))
+    for what, count in result.data_notes.items():
+        table.add_row(what, str(count))
     table.add_row("non-finite steps", str(result.nonfinite_steps))
     table.add_row("best score", f"{result.best_score:.4f}" if result.best_score is not None else "-")
     table.add_row("checkpoint", str(result.last_checkpoint or "-"))

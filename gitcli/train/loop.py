@@ -51,6 +51,7 @@ class TrainResult:
     samples_per_second: float = 0.0
     best_score: float | None = None
     seconds: float = 0.0
+    data_notes: dict = field(default_factory=dict)  # what the source left out, e.g. missing images
 
 
 def _build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resume_from: Path | None) -> Captioner:
@@ -187,7 +188,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "train_config.json", {"model": to_dict(model_cfg), "data": to_dict(data_cfg),
                                                "train": to_dict(cfg), "world_size": world})
-    result = TrainResult(out, step, None, best_score=best)
+    result = TrainResult(out, step, None, best_score=best, data_notes=notes)
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if is_main_process() else None
     reporter = (Reporter(cfg.report_to, out, {"model": to_dict(model_cfg), "train": to_dict(cfg)})
                 if cfg.report_to and is_main_process() else None)
