@@ -160,3 +160,26 @@ def test_unknown_source_is_a_clear_error(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(GitcapError, match="cannot tell what kind of data"):
         build_source(DataConfig(source=str(tmp_path / "x.csv")))
+
+
+def test_validation_on_a_git_tsv_picks_best(tmp_path, scenes):
+    """`--val-data` takes any source: one caption per image scored against all of its own."""
+    import json
+
+    from gitcli.train.validate import make_validator
+
+    images = tmp_path / "val.img.tsv"
+    _write_image_tsv(images, [(str(i), s.image) for i, s in enumerate(scenes[:4])])
+    captions = tmp_path / "val.caption.tsv"
+    captions.write_text("".join(f"{i}\t{json.dumps([{'caption': c} for c in s.captions])}\n"
+                                for i, s in enumerate(scenes[:4])))
+    validator = make_validator(DataConfig(source=str(images), captions=str(captions)), 3, DataConfig())
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=4, batch_size=4, device="cpu", save_every=2)
+    result = train(tiny_model_config(), DataConfig(source="synthetic", synthetic_size=8, num_workers=0), cfg,
+                   validator=validator, progress=False)
+    reports = [json.loads(line)["validation"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if "validation" in line]
+    assert len(reports) == 2
+    assert all(r["captions"] == 3 and r["questions"] == 0 and r["CIDEr"] is not None for r in reports)
+    assert result.best_score == max(r["score"] for r in reports)
+    assert (tmp_path / "run" / "best" / "gitcap.json").is_file()

@@ -37,7 +37,11 @@ def train(
     synthetic_size: Annotated[int, typer.Option("--synthetic-size", min=1, help="Scenes in the synthetic set.")] = 2000,
     task: Annotated[str, typer.Option("--task", help="synthetic data: captions, vqa or both.")] = "both",
     questions_per_scene: Annotated[int, typer.Option("--questions-per-scene", min=0, help="synthetic data: questions drawn per scene (0 = all).")] = 0,
-    val_data: Annotated[Optional[str], typer.Option("--val-data", help="Validation source (synthetic = a held-out synthetic set).")] = None,
+    val_data: Annotated[Optional[str], typer.Option("--val-data", help="Validation source, of any kind --data takes (synthetic = a held-out synthetic set); best/ is chosen by its CIDEr or VQA accuracy.")] = None,
+    val_captions: Annotated[Optional[Path], typer.Option("--val-captions", help="GIT caption TSV for a --val-data image TSV.")] = None,
+    val_questions: Annotated[Optional[Path], typer.Option("--val-questions", help="VQA questions JSON for --val-data images.")] = None,
+    val_annotations: Annotated[Optional[Path], typer.Option("--val-annotations", help="VQA annotations JSON for --val-data images.")] = None,
+    val_image_root: Annotated[Optional[Path], typer.Option("--val-image-root", help="Image folder for a --val-data CC TSV.")] = None,
     val_samples: Annotated[int, typer.Option("--val-samples", min=1, help="Validation items scored at each save.")] = 200,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 1,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")] = None,
@@ -97,7 +101,11 @@ def train(
 
         print_dry_run(model_cfg, data_cfg, train_cfg)
         return
-    validator = make_validator(val_data, val_samples, data_cfg) if val_data else None
+    validator = None
+    if val_data:
+        val_cfg = DataConfig(source=val_data, image_root=opt(val_image_root), captions=opt(val_captions),
+                             questions=opt(val_questions), annotations=opt(val_annotations), task=task)
+        validator = make_validator(val_cfg, val_samples, data_cfg)
     result = run_training(model_cfg, data_cfg, train_cfg, validator=validator)
     from rich.table import Table
 

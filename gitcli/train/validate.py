@@ -112,19 +112,35 @@ def _decode(model, chunk: list[Record], load_image, transform, gen: GenerationCo
     return outs, loss
 
 
-def make_validator(source: str, samples: int, train_data) -> "Callable":
-    """A validator for `train --val-data`: a held-out synthetic set (its own seed)."""
-    from gitcli.data.sources import SyntheticImages, synthetic_records
-    from gitcli.data.synthetic import make_scene
-    from gitcli.errors import GitcapError
+def make_validator(val_data, samples: int, train_data) -> Callable:
+    """A validator for `train --val-data`: `val_data` is a DataConfig of any training source.
 
-    if source != "synthetic":
-        raise GitcapError("--val-data currently takes: synthetic (a held-out synthetic set)")
-    seed = train_data.synthetic_seed + 1_000_003  # never the training scenes
-    scenes = max(1, samples // 8)
-    records = synthetic_records(scenes, seed, train_data.task)[:samples]
-    refs = {str(i): make_scene(seed, i).captions for i in range(scenes)}
-    loader = SyntheticImages(seed)
+    `synthetic` means a held-out synthetic set (a seed the training scenes never use).
+    Otherwise caption records are reduced to one per image, scored against all of that
+    image's captions, and questions are scored one by one; the first `samples` items count.
+    """
+    from gitcli.data.sources import SyntheticImages, build_source, synthetic_records
+    from gitcli.data.synthetic import make_scene
+
+    if val_data.source == "synthetic":
+        seed = train_data.synthetic_seed + 1_000_003  # never the training scenes
+        scenes = max(1, samples // 8)
+        records = synthetic_records(scenes, seed, train_data.task)[:samples]
+        refs = {str(i): make_scene(seed, i).captions for i in range(scenes)}
+        loader = SyntheticImages(seed)
+    else:
+        all_records, loader, _ = build_source(val_data)
+        refs: dict[str, list[str]] = {}
+        records = []
+        for rec in all_records:
+            if rec.question is not None:
+                records.append(rec)
+            elif rec.key not in refs:
+                refs[rec.key] = [rec.target]
+                records.append(rec)
+            else:
+                refs[rec.key].append(rec.target)
+        records = records[:samples]
 
     def validator(model, step: int) -> dict:
         return evaluate_records(model, records, loader, refs).as_dict()
