@@ -187,6 +187,13 @@ def test_unknown_names_are_user_errors(vocab):
         build_captioner(ModelConfig(vision="gitcap-tiny-vit", vision_pretrained="not-a-tag"))
 
 
+def test_a_weights_file_that_is_not_one_is_a_user_error(tmp_path):
+    bad = tmp_path / "weights.safetensors"
+    bad.write_text("not weights")
+    with pytest.raises(GitcapError, match="open_clip checkpoint"):
+        build_captioner(ModelConfig(vision="gitcap-tiny-vit", vision_pretrained=str(bad)))
+
+
 def test_foreign_directory_is_not_a_checkpoint(tmp_path):
     with pytest.raises(GitcapError, match="not a gitcap checkpoint"):
         resolve_checkpoint(tmp_path)

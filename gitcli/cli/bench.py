@@ -9,7 +9,7 @@ import typer
 
 from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, DeviceOpt, DtypeOpt, MaxNewTokensOpt, PrecisionOpt, PresetOpt,
                                SeedOpt, console, user_errors)
-from gitcli.cli.model_options import GridOpt, Int8Opt, LmOpt, MappingOpt, PrefixLengthOpt, VisionOpt
+from gitcli.cli.model_options import GridOpt, Int8Opt, MappingOpt, PrefixLengthOpt, VisionOpt
 
 app = typer.Typer(
     name="bench",

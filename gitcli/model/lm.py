@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import torch
 
 from gitcli.errors import GitcapError
+from gitcli.model.hub import quiet_loggers
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,9 +32,11 @@ def _offline_hint(name: str) -> str:
 
 def _from_pretrained(loader, name: str, **kwargs):
     """Local directory or cache first; the hub only when the cache has nothing."""
-    quiet = logging.getLogger("transformers")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    with quiet_loggers("transformers", "huggingface_hub"):
+        return _load(loader, name, **kwargs)
+
+
+def _load(loader, name: str, **kwargs):
     try:
         if Path(name).is_dir():
             return loader(name, **kwargs)
@@ -51,8 +53,6 @@ def _from_pretrained(loader, name: str, **kwargs):
             raise GitcapError(_offline_hint(name)) from None
     except ValueError as exc:  # e.g. an architecture transformers does not know
         raise GitcapError(f"cannot load {name!r} as a causal LM: {str(exc).splitlines()[0]}") from None
-    finally:
-        quiet.setLevel(level)
 
 
 def load_tokenizer(name_or_path: str):

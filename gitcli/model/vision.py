@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from gitcli.errors import GitcapError
+from gitcli.model.hub import quiet_loggers
 
 # Model configs shipped with gitcap (the tiny preset's ViT); registered with open_clip so
 # that they load through `open_clip.create_model` exactly as the hub architectures do.
@@ -43,23 +43,22 @@ def create_clip_visual(name: str, pretrained: str | None) -> nn.Module:
                 f"{pretrained!r} is neither a local weights file nor a pretrained tag of {name} "
                 f"(tags: {', '.join(tags) or 'none'})"
             )
-    root = logging.getLogger()
-    level = root.level
-    if pretrained is None:  # random weights are intended here; silence open_clip's warning
-        root.setLevel(logging.ERROR)
-    try:
-        clip = open_clip.create_model(name, pretrained=pretrained, require_pretrained=pretrained is not None)
-    except (OSError, RuntimeError, ValueError) as exc:
-        where = "file" if pretrained and os.path.exists(pretrained) else "hub"
-        hint = (
-            "is the file an open_clip checkpoint of this architecture?"
-            if where == "file"
-            else "no hub access? download the weights elsewhere and pass --vision-pretrained FILE"
-        )
-        raise GitcapError(f"cannot load {name} weights {pretrained!r} from the {where}: {hint} ({_first_line(exc)})") from None
-    finally:
-        root.setLevel(level)
+    # open_clip logs a warning (random weights, intended here) or an error, and the hub
+    # client logs every retry of a failed download; gitcap reports in one line instead.
+    with quiet_loggers("", "huggingface_hub"):
+        try:
+            clip = open_clip.create_model(name, pretrained=pretrained, require_pretrained=pretrained is not None)
+        except Exception as exc:  # the weights come from the user or the network: any failure is theirs to fix
+            _loading_failed(name, pretrained, exc)
     return clip.visual
+
+
+def _loading_failed(name: str, pretrained: str | None, exc: Exception) -> None:
+    if pretrained and os.path.exists(pretrained):
+        raise GitcapError(f"cannot load {pretrained} as {name} weights: is it an open_clip checkpoint of this "
+                          f"architecture? ({_first_line(exc)})") from None
+    raise GitcapError(f"cannot load {name} weights {pretrained!r}: not in the local cache and the hub could not "
+                      "be reached; download them where there is internet and pass --vision-pretrained FILE") from None
 
 
 def _first_line(exc: BaseException) -> str:
