@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from gitcli.config import GenerationConfig
 from gitcli.data.text import encode_prompts
@@ -77,9 +78,24 @@ def test_decoding_with_early_eos_matches_transformers(tiny_captioner, scene_imag
                 break
         assert varied, "no EOS bias made the outputs end at different lengths"
         assert greedy == _hf(tiny_captioner, embeds, mask, max_new_tokens=10, num_beams=1)
+        dropped = []
         for beams in (2, 3):
-            ours = [g.token_ids for g in generate(tiny_captioner, px, PROMPTS, GenerationConfig(max_new_tokens=10, beams=beams))]
+            rows_seen = []
+            real_reorder = DynamicCache.reorder_cache
+
+            def spy(cache, index, rows_seen=rows_seen):
+                rows_seen.append(len(index))
+                return real_reorder(cache, index)
+
+            DynamicCache.reorder_cache = spy
+            try:
+                ours = [g.token_ids for g in generate(tiny_captioner, px, PROMPTS, GenerationConfig(max_new_tokens=10, beams=beams))]
+            finally:
+                DynamicCache.reorder_cache = real_reorder
             assert ours == _hf(tiny_captioner, embeds, mask, max_new_tokens=10, num_beams=beams)
+            dropped.append(min(rows_seen) < len(PROMPTS) * beams)
+        # images whose search ended left the batch: later steps ran on fewer cache rows
+        assert any(dropped)
     finally:
         handle.remove()
 

@@ -69,26 +69,30 @@ def decode_tokens(lm, embeds, mask, positions, config: GenerationConfig, eos: in
 
 
 def _greedy_or_sample(lm, embeds, mask, positions, config: GenerationConfig, eos: int):
-    rows = embeds.shape[0]
-    device = embeds.device
+    """One token per running row per step; a row that emits EOS leaves the batch, so the
+    cache, mask and positions shrink with it and finished rows cost nothing more."""
+    rows, device = embeds.shape[0], embeds.device
     cache = _new_cache(lm)
     gen = torch.Generator(device=device).manual_seed(config.seed) if config.sampling else None
     logits = _step(lm, cache, mask, positions, embeds=embeds)
     next_pos = positions[:, -1:] + 1
-    out = torch.empty((rows, 0), dtype=torch.long, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    outputs: list[list[int]] = [[] for _ in range(rows)]
+    running = torch.arange(rows, device=device)  # original row of each batch row
     for step in range(config.max_new_tokens):
         token = _pick(logits, config, gen)
-        # finished rows keep emitting EOS (dropped below); their outputs no longer change
-        token = torch.where(finished, torch.full_like(token, eos), token)
-        out = torch.cat([out, token[:, None]], dim=1)
-        finished |= token == eos
-        if bool(finished.all()) or step + 1 == config.max_new_tokens:
+        for row, tok in zip(running.tolist(), token.tolist()):
+            outputs[row].append(tok)
+        alive = token != eos
+        if not bool(alive.any()) or step + 1 == config.max_new_tokens:
             break
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        if not bool(alive.all()):  # drop finished rows from every per-row tensor
+            keep = alive.nonzero()[:, 0]
+            cache.batch_select_indices(keep)
+            running, token, mask, next_pos = running[keep], token[keep], mask[keep], next_pos[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = _step(lm, cache, mask, next_pos, ids=token[:, None])
         next_pos = next_pos + 1
-    return [(_until_eos(row, eos), None) for row in out.tolist()]
+    return [(_until_eos(row, eos), None) for row in outputs]
 
 
 def _pick(logits: torch.Tensor, config: GenerationConfig, gen) -> torch.Tensor:
@@ -130,6 +134,8 @@ def _beam_search(lm, embeds, mask, positions, config: GenerationConfig, eos: int
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     in_top = (torch.arange(k, device=device) < nb)[None, :]
     offsets = (torch.arange(batch, device=device) * nb)[:, None]
+    image = torch.arange(batch, device=device)  # original image of each batch entry
+    results: list = [None] * batch
 
     for step in range(max_new):
         vocab = logits.shape[-1]
@@ -167,14 +173,30 @@ def _beam_search(lm, embeds, mask, positions, config: GenerationConfig, eos: int
         if bool(done.all()) or step + 1 == max_new:
             break
 
-        cache.reorder_cache((parent + offsets).flatten())
+        rows = (parent + offsets)  # (B, nb): the cache row each surviving beam continues
+        if bool(done.any()):  # a finished image leaves the batch: its result is final
+            for b in done.nonzero()[:, 0].tolist():
+                results[int(image[b])] = _best(fin_seqs[b], fin_lens[b], fin_scores[b], eos)
+            keep = (~done).nonzero()[:, 0]
+            rows, image = rows[keep], image[keep]
+            run_seqs, run_scores, next_token = run_seqs[keep], run_scores[keep], next_token[keep]
+            fin_seqs, fin_scores, fin_lens, fin_filled = fin_seqs[keep], fin_scores[keep], fin_lens[keep], fin_filled[keep]
+            done = done[keep]
+            batch = keep.shape[0]
+            offsets = offsets[:batch]
+        row_index = rows.flatten()
+        cache.reorder_cache(row_index)  # reorders beams and drops finished images at once
+        mask, next_pos = mask[row_index], next_pos[row_index]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = _step(lm, cache, mask, next_pos, ids=next_token.flatten()[:, None])
         next_pos = next_pos + 1
 
-    results = []
     for b in range(batch):
-        length = int(fin_lens[b, 0])
-        tokens = fin_seqs[b, 0, :length].tolist()
-        results.append((_until_eos(tokens, eos), float(fin_scores[b, 0])))
+        results[int(image[b])] = _best(fin_seqs[b], fin_lens[b], fin_scores[b], eos)
     return results
+
+
+def _best(seqs: torch.Tensor, lens: torch.Tensor, scores: torch.Tensor, eos: int):
+    """The top kept hypothesis of one image: (tokens without EOS, normalised score)."""
+    tokens = seqs[0, : int(lens[0])].tolist()
+    return _until_eos(tokens, eos), float(scores[0])
