@@ -17,7 +17,7 @@ torchrun --nproc_per_node "$GPUS" -m gitcli train --data data/cc3m/train \
     --batch-size 64 --lr 2e-4 --warmup-steps 2000 --epochs 1 --save-every 2000 \
     --output-dir runs/cc3m
 
-gitcap tsv images "$COCO_IMAGES" --out data/coco/test.img.tsv
+gitcap tsv images "$COCO_CAPTIONS" --image-root "$COCO_IMAGES" --split "$KARPATHY" --out data/coco/test.img.tsv
 gitcap tsv captions "$COCO_CAPTIONS" --split "$KARPATHY" --out data/coco/test.caption.tsv
 gitcap infer-tsv --images data/coco/test.img.tsv --checkpoint runs/cc3m --beams 3 \
     --out results/coco-test.caption.tsv

@@ -4,7 +4,7 @@
 # Needs: a GPU, the pretrained weights (internet or a local copy), the official VQAv2 files.
 set -euo pipefail
 VQA=${VQA:-vqa}            # v2_OpenEnded_mscoco_*_questions.json, v2_mscoco_*_annotations.json
-COCO=${COCO:-coco}         # train2014/ val2014/ test2015/ image folders
+COCO=${COCO:-coco}         # train2014/ val2014/ test2015/ image folders, annotations/ (captions_val2014.json, image_info_test2015.json)
 INIT=${INIT:-runs/cc3m}
 
 gitcap train --init-from "$INIT" --data "$COCO/train2014" \
@@ -12,7 +12,8 @@ gitcap train --init-from "$INIT" --data "$COCO/train2014" \
     --annotations "$VQA/v2_mscoco_train2014_annotations.json" \
     --lora 16 --batch-size 32 --lr 1e-4 --epochs 3 --output-dir runs/vqa
 
-gitcap tsv images "$COCO/val2014" --out data/vqa/val.img.tsv
+# image TSVs keyed by COCO image id, so the questions' image_id finds its image
+gitcap tsv images "$COCO/annotations/captions_val2014.json" --image-root "$COCO/val2014" --out data/vqa/val.img.tsv
 gitcap tsv questions "$VQA/v2_OpenEnded_mscoco_val2014_questions.json" --images data/vqa/val.img.tsv \
     --out data/vqa/val.question.tsv
 gitcap infer-tsv --images data/vqa/val.img.tsv --questions data/vqa/val.question.tsv \
@@ -20,7 +21,7 @@ gitcap infer-tsv --images data/vqa/val.img.tsv --questions data/vqa/val.question
 gitcap score-vqa --results results/vqa-val.tsv --annotations "$VQA/v2_mscoco_val2014_annotations.json" \
     --questions "$VQA/v2_OpenEnded_mscoco_val2014_questions.json"
 
-gitcap tsv images "$COCO/test2015" --out data/vqa/test.img.tsv
+gitcap tsv images "$COCO/annotations/image_info_test2015.json" --image-root "$COCO/test2015" --out data/vqa/test.img.tsv
 gitcap tsv questions "$VQA/v2_OpenEnded_mscoco_test-dev2015_questions.json" --images data/vqa/test.img.tsv \
     --out data/vqa/test-dev.question.tsv
 gitcap infer-tsv --images data/vqa/test.img.tsv --questions data/vqa/test-dev.question.tsv \
