@@ -57,6 +57,20 @@ def _read_partials(out: Path) -> dict[int, tuple[str, str]]:
     return done
 
 
+def _finished_rows(out: Path, keys: list[str]) -> dict[int, tuple[str, str]]:
+    """Rows done by earlier runs: in partial files, or in an output a finished run wrote
+    (which may still lack rows that failed then)."""
+    from gitcli.formats.tsv import iter_tsv
+
+    done = _read_partials(out)
+    if out.exists():
+        row_of = {k: i for i, k in enumerate(keys)}
+        for cells in iter_tsv(out):
+            if len(cells) == 2 and cells[0] in row_of:
+                done.setdefault(row_of[cells[0]], (cells[0], cells[1]))
+    return done
+
+
 def _drop_torn_line(path: Path) -> None:
     """Cut a partial file back to its last complete line before appending to it."""
     if not path.exists():
@@ -96,7 +110,7 @@ def _read_questions(path: Path, keys: list[str]) -> list[list[dict]]:
 def infer_tsv(model, device: torch.device, precision: str, images: Path, out: Path, gen: GenerationConfig, *,
               questions: Path | None = None, batch_size: int = 32, coco_json: Path | None = None,
               rank: int = 0, world: int = 1, on_rows: Callable[[int], None] | None = None) -> TsvInferenceReport:
-    from gitcli.formats.tsv import TsvFile, decode_image, iter_tsv, write_tsv
+    from gitcli.formats.tsv import TsvFile, decode_image, write_tsv
 
     gen.validate()
     tsv = TsvFile(images)
@@ -106,12 +120,7 @@ def infer_tsv(model, device: torch.device, precision: str, images: Path, out: Pa
     question_rows = _read_questions(questions, keys) if questions is not None else None
     report = TsvInferenceReport(rows=len(keys))
 
-    done = _read_partials(out)
-    if out.exists():  # an earlier run finished (possibly with failed rows still to do)
-        row_of = {k: i for i, k in enumerate(keys)}
-        for row_cells in iter_tsv(out):
-            if len(row_cells) == 2 and row_cells[0] in row_of:
-                done.setdefault(row_of[row_cells[0]], (row_cells[0], row_cells[1]))
+    done = _finished_rows(out, keys)
     todo = [r for r in range(len(keys)) if r % world == rank and r not in done]
     report.skipped = sum(1 for r in done if r % world == rank)
 
@@ -156,12 +165,7 @@ def infer_tsv(model, device: torch.device, precision: str, images: Path, out: Pa
 
     barrier()  # every rank's part is on disk before rank 0 merges
     if rank == 0:
-        done = _read_partials(out)
-        if out.exists():
-            row_of = {k: i for i, k in enumerate(keys)}
-            for row_cells in iter_tsv(out):
-                if len(row_cells) == 2 and row_cells[0] in row_of:
-                    done.setdefault(row_of[row_cells[0]], (row_cells[0], row_cells[1]))
+        done = _finished_rows(out, keys)
         write_tsv(out, ([done[r][0], done[r][1]] for r in sorted(done)))
         for part_file in out.parent.glob(f"{out.name}.partial-*.tsv"):
             part_file.unlink()

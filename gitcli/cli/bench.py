@@ -9,7 +9,8 @@ import typer
 
 from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, DeviceOpt, DtypeOpt, MaxNewTokensOpt, PrecisionOpt, PresetOpt,
                                SeedOpt, console, user_errors)
-from gitcli.cli.model_options import GridOpt, Int8Opt, MappingOpt, PrefixLengthOpt, VisionOpt
+from gitcli.cli.model_options import (GridOpt, Int8Opt, LoraOpt, MappingOpt, PrefixLengthOpt, TrainLmOpt,
+                                      TrainVisionOpt, VisionOpt)
 
 app = typer.Typer(
     name="bench",
@@ -62,9 +63,9 @@ def train(
     mapping: MappingOpt = "mlp",
     prefix_length: PrefixLengthOpt = 10,
     grid: GridOpt = False,
-    train_vision: Annotated[bool, typer.Option("--train-vision", help="Train the vision tower too.")] = False,
-    lora: Annotated[int, typer.Option("--lora", min=0, help="LoRA rank on the LM (0 = none).")] = 0,
-    train_lm: Annotated[bool, typer.Option("--train-lm", help="Fully tune the LM.")] = False,
+    train_vision: TrainVisionOpt = False,
+    lora: LoraOpt = 0,
+    train_lm: TrainLmOpt = False,
     int8: Int8Opt = False,
     dtype: DtypeOpt = "auto",
     precision: PrecisionOpt = None,

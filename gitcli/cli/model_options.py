@@ -15,6 +15,9 @@ MappingOpt = Annotated[str, typer.Option("--mapping", help="linear, linear-ln (G
 PrefixLengthOpt = Annotated[int, typer.Option("--prefix-length", min=1, help="Prefix tokens for mlp/transformer (and pooled linear).")]
 GridOpt = Annotated[bool, typer.Option("--grid/--pooled", help="Patch-grid features instead of the pooled embedding.")]
 Int8Opt = Annotated[bool, typer.Option("--int8", help="Load the LM 8-bit with bitsandbytes.")]
+TrainVisionOpt = Annotated[bool, typer.Option("--train-vision", help="Train the vision tower too.")]
+LoraOpt = Annotated[int, typer.Option("--lora", min=0, help="LoRA rank on the LM (0 = none).")]
+TrainLmOpt = Annotated[bool, typer.Option("--train-lm", help="Fully tune the LM.")]
 
 
 def model_config_from_options(*, preset, vision, vision_pretrained, lm, mapping, prefix_length, grid, int8, dtype,

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from gitcli.cli.common import BatchSizeOpt, DeviceOpt, DtypeOpt, PrecisionOpt, PresetOpt, SeedOpt, console, user_errors
-from gitcli.cli.model_options import (GridOpt, Int8Opt, LmOpt, MappingOpt, PrefixLengthOpt, VisionOpt,
+from gitcli.cli.model_options import (GridOpt, Int8Opt, LmOpt, LoraOpt, MappingOpt, PrefixLengthOpt, TrainLmOpt,
+                                      TrainVisionOpt, VisionOpt,
                                       VisionPretrainedOpt, model_config_from_options)
 
 
@@ -26,9 +27,9 @@ def train(
     int8: Int8Opt = False,
     dtype: DtypeOpt = "auto",
     precision: PrecisionOpt = None,
-    train_vision: Annotated[bool, typer.Option("--train-vision", help="Train the vision tower too.")] = False,
-    lora: Annotated[int, typer.Option("--lora", min=0, help="LoRA rank on the LM (0 = none).")] = 0,
-    train_lm: Annotated[bool, typer.Option("--train-lm", help="Fully tune the LM.")] = False,
+    train_vision: TrainVisionOpt = False,
+    lora: LoraOpt = 0,
+    train_lm: TrainLmOpt = False,
     init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Start from a trained checkpoint.")] = None,
     image_root: Annotated[Optional[Path], typer.Option("--image-root", help="CC TSV: folder of %08d.jpg images.")] = None,
     captions: Annotated[Optional[Path], typer.Option("--captions", help="GIT caption TSV for a GIT image TSV given as --data.")] = None,
