@@ -8,7 +8,9 @@ classes on the same dicts in the same order, so every number equals what
 - BLEU, ROUGE-L and CIDEr run in worker processes while METEOR's jars run, instead of
   one after another. CIDEr stays one job because its idf is computed over the whole
   reference set: splitting the corpus would change the scores;
-- METEOR's per-image statistics are computed by several jars and aggregated by one
+- METEOR's jar loads its paraphrase table cut down to the entries this corpus can
+  use (`gitcli.evaluate.paraphrase`), not all 5.3 million of them;
+- METEOR's per-image statistics can be computed by several jars and aggregated by one
   `EVAL` call (see `gitcli.evaluate.meteor`).
 
 Inputs are keyed by image key (a string); images are scored in the references' order,
@@ -142,11 +144,6 @@ def evaluate_captions(
     pool = None
     raw: dict[str, tuple[object, object]] = {}
     try:
-        if "METEOR" in metrics:
-            # Started first: the jar loads its paraphrase table (seconds of CPU) while
-            # the tokenizer and the Python scorers run. Extra jars only where cores are
-            # spare beyond those two (so one jar on a 2-core machine).
-            meteor = MeteorScorer(jars_for(len(keys), free_cores=workers - 2))
         step("tokenize")
         ref_tok, res_tok = tokenize_groups([list(references[k]) for k in keys], [[results[k]] for k in keys])
         gts = dict(zip(keys, ref_tok))
@@ -157,17 +154,24 @@ def evaluate_captions(
         wanted = {"CIDEr": "CIDEr" in metrics, "Bleu": any(m in BLEU for m in metrics), "ROUGE_L": "ROUGE_L" in metrics}
         jobs = [job for job, on in wanted.items() if on]
         futures: dict[str, Future] = {}
+        with_meteor = "METEOR" in metrics
         if jobs:
             # With METEOR running, leave it a core.
             pool = ProcessPoolExecutor(
-                max_workers=max(1, min(len(jobs), workers - (meteor is not None))),
-                initializer=_lower_priority if meteor is not None else None,
+                max_workers=max(1, min(len(jobs), workers - with_meteor)),
+                initializer=_lower_priority if with_meteor else None,
             )
             for job in jobs:
                 futures[job] = pool.submit(_python_scorer, job, gts, res)
-        if meteor is not None:
-            step("METEOR")
-            raw["METEOR"] = meteor.score([res[k][0] for k in keys], [gts[k] for k in keys])
+        if with_meteor:
+            # Extra jars only where cores are spare beyond METEOR's and the Python
+            # scorers' (so one jar on a 2-core machine).
+            from gitcli.evaluate.paraphrase import index_ready
+
+            step("METEOR" if index_ready() else "METEOR (indexing its paraphrase table, once per machine: ~30 s)")
+            hypotheses, refs = [res[k][0] for k in keys], [gts[k] for k in keys]
+            meteor = MeteorScorer(jars_for(len(keys), free_cores=workers - 2), hypotheses, refs)
+            raw["METEOR"] = meteor.score(hypotheses, refs)
             step("METEOR done")
         for job, fut in futures.items():
             raw[job] = fut.result()
