@@ -70,8 +70,9 @@ def test_identical_to_cocoevalcap_with_meteor_split_over_two_jars(monkeypatch):
 
 def test_jar_count_follows_spare_cores_and_work():
     assert meteor.jars_for(5000, free_cores=0) == 1  # a 2-core machine: one jar
-    assert meteor.jars_for(5000, free_cores=14) == 3
+    assert meteor.jars_for(5000, free_cores=14) == 5
     assert meteor.jars_for(100, free_cores=14) == 1
+    assert meteor.jars_for(1500, free_cores=14) == 2
 
 
 def test_metric_names_resolve():
