@@ -252,3 +252,22 @@ def test_two_ranks_share_the_caching_pass(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     # each rank averages over its own tokens, then the ranks are averaged: close, not equal
     assert [r["loss"] for r in lines if "loss" in r] == pytest.approx(one.losses, rel=2e-2)
+
+
+class _SomeUnreadable(SyntheticImages):
+    def __call__(self, index):
+        if index in (2, 7):
+            raise GitcapError(f"cannot read image {index}")
+        return super().__call__(index)
+
+
+def test_unreadable_images_are_marked_and_skipped_like_live_ones(vocab, tmp_path):
+    model = _frozen(vocab)
+    data = DataConfig(synthetic_size=10, task="captions", num_workers=0)
+    records = _records(data)
+    reader, index = build_feature_cache(model, records, _SomeUnreadable(0), data, str(tmp_path / "f"), batch_size=3,
+                                        device=torch.device("cpu"), precision="fp32", progress=False, chunk=CHUNK)
+    assert [i for i in range(10) if reader[i] is None] == [2, 7]
+    cached_ds = CachedFeatureDataset(records, index, reader, model.tokenizer, model.config)
+    batch = Collator(model.tokenizer.pad_token_id, "features")([cached_ds[i] for i in range(4)])
+    assert batch["skipped"] == 1 and batch["size"] == 3 and batch["features"].shape == (3, 16, 128)

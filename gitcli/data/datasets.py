@@ -96,10 +96,14 @@ def token_lengths(records: list[Record], tokenizer, model_config: ModelConfig, m
     makes it, from the text alone: one batched tokenizer call, no image is read."""
     prompts = [prompt_text(model_config, r.question) for r in records]
     prompt_len = {p: len(tokenizer(p, add_special_tokens=False)["input_ids"]) if p else 0 for p in set(prompts)}
-    targets = [target_text(p, r.target) for p, r in zip(prompts, records)]
-    ids = tokenizer(targets, add_special_tokens=False)["input_ids"] if targets else []
     cap = max_target_tokens - 1 if max_target_tokens is not None else None
-    return [prompt_len[p] + len(t[:cap]) + 1 for p, t in zip(prompts, ids)]
+    lengths = []
+    for start in range(0, len(records), 65536):  # bounded memory for millions of captions
+        part = prompts[start: start + 65536]
+        targets = [target_text(p, r.target) for p, r in zip(part, records[start: start + 65536])]
+        ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
+        lengths.extend(prompt_len[p] + len(t[:cap]) + 1 for p, t in zip(part, ids))
+    return lengths
 
 
 class Collator:

@@ -13,8 +13,10 @@ Layout of DIR:
 
 Each chunk is written to a temporary name and renamed, so a chunk that exists is complete:
 an interrupted pass leaves whole chunks behind and the next one computes only the missing
-ones. Images are numbered by first appearance in the training records (several records, e.g.
-the questions about one image, share one entry).
+ones. Images are numbered in sorted order of their references (several records, e.g. the
+questions about one image, share one entry): the same images give the same cache whatever
+order or subset of questions or captions refers to them, and a pass over tar shards reads
+each shard front to back.
 
 Features are stored as fp16: half the disk of fp32, and what the frozen tower produces on a
 GPU (bf16) converts to fp16 without loss (fp16 has more mantissa bits; CLIP features lie far
@@ -45,17 +47,14 @@ CHUNK_BYTES = 256 * 1024**2  # per chunk file: small enough to rewrite, few enou
 
 
 def unique_images(records: Sequence) -> tuple[list[Any], list[int]]:
-    """-> (image references in order of first appearance, each record's position among them)."""
-    position: dict[Any, int] = {}
-    refs: list[Any] = []
-    index = []
-    for rec in records:
-        pos = position.get(rec.image)
-        if pos is None:
-            pos = position[rec.image] = len(refs)
-            refs.append(rec.image)
-        index.append(pos)
-    return refs, index
+    """-> (distinct image references, sorted; each record's position among them)."""
+    distinct = {rec.image for rec in records}
+    try:
+        refs = sorted(distinct)
+    except TypeError:  # references of mixed kinds: no source makes them, but order them anyway
+        refs = sorted(distinct, key=repr)
+    position = {ref: i for i, ref in enumerate(refs)}
+    return refs, [position[rec.image] for rec in records]
 
 
 def source_digest(refs: Sequence[Any], loader: Any) -> str:

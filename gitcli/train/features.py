@@ -86,14 +86,19 @@ def build_feature_cache(model, records: list[Record], load_image, data_cfg: Data
     missing = store.missing_chunks()
     barrier()  # every rank has listed the missing chunks before any is written
     mine = missing[rank::world]
+    start = time.perf_counter()
     if mine:
         _fill(model, store, mine, ImageDataset(refs, load_image, model.image_transform()), batch_size=batch_size,
               num_workers=data_cfg.num_workers, device=device, precision=precision,
               progress=progress and is_main_process(), world=world)
-    elif missing == [] and is_main_process() and progress:
-        print(f"using the feature cache in {root} ({len(refs)} images)")
     barrier()
-    return store.reader(), index
+    reader = store.reader()
+    if progress and is_main_process():
+        done = sum(len(store.chunk_range(k)) for k in missing)
+        what = (f"cached the features of {done} images in {time.perf_counter() - start:.0f} s" if missing
+                else "using the cached features")
+        print(f"{what}: {root} ({len(refs)} images, {store.chunks} chunks)")
+    return reader, index
 
 
 def _fill(model, store: FeatureStore, chunks: list[int], dataset: ImageDataset, *, batch_size: int, num_workers: int,
