@@ -127,6 +127,12 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
             print(f"nothing to resume in {out}: starting a new run")
     elif (out / LATEST_FILE).is_file():
         raise GitcapError(f"{out} already holds a run; pass --resume to continue it or choose another --output-dir")
+    state = load_state(resume_from) if resume_from is not None else None
+    sampler_kind = "bucket-by-length" if cfg.bucket_by_length else "shuffle"
+    if state is not None and state.get("sampler", "shuffle") != sampler_kind:
+        # another order would replay or skip data; said before anything loads or is cached
+        with_or_not = "with" if state.get("sampler") == "bucket-by-length" else "without"
+        raise GitcapError(f"{out} was trained {with_or_not} --bucket-by-length; resume it the same way")
 
     torch.manual_seed(cfg.seed)
     model = _build_model(model_cfg, cfg, device, resume_from)
@@ -158,7 +164,6 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         sampler = BucketBatchSampler(lengths, cfg.batch_size, cfg.seed, rank, world)
     else:
         sampler = ResumableSampler(len(dataset), cfg.seed, rank, world)
-    sampler_kind = "bucket-by-length" if cfg.bucket_by_length else "shuffle"
     # Training from cached features, the tower only runs for validation: keep it in host RAM
     # (DeepSpeed places the whole module itself, so there it stays).
     tower_offloaded = bool(cfg.cache_features) and device.type == "cuda" and stage is None
@@ -180,7 +185,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
             from torch.nn.parallel import DistributedDataParallel
 
             # find_unused_parameters: a grid tower never runs its pooling head (ln_post, proj)
-            if tower_offloaded:  # DDP wants every parameter and buffer on one device; the host-side tower is never synced
+            # DDP wants every parameter and buffer on one device; the frozen host-side tower needs no syncing
+            if tower_offloaded:
                 DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                     model, [f"vision.{n}" for n, _ in [*model.vision.named_parameters(), *model.vision.named_buffers()]])
             train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -197,8 +203,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         train_module = engine
 
     step, epoch, micro_done, best, nonfinite_run = 0, 0, 0, None, 0
-    if resume_from is not None:
-        state = load_state(resume_from)
+    if state is not None:
         if engine is None:
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
@@ -207,9 +212,6 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         step, epoch, micro_done = int(state["step"]), int(state["epoch"]), int(state["micro_done"])
-        if state.get("sampler", "shuffle") != sampler_kind:  # another order would replay or skip data
-            with_or_not = "with" if state.get("sampler") == "bucket-by-length" else "without"
-            raise GitcapError(f"{out} was trained {with_or_not} --bucket-by-length; resume it the same way")
         best = state.get("best")
         if is_main_process():
             print(f"resuming {out} at step {step} (epoch {epoch})")
