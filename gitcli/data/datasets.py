@@ -93,7 +93,7 @@ class ImageDataset(Dataset):
 
 def token_lengths(records: list[Record], tokenizer, model_config: ModelConfig, max_target_tokens: int = 32) -> list[int]:
     """Each record's text length in tokens (prompt + target + EOS), exactly as `encode_pair`
-    makes it, from the text alone: one batched tokenizer call, no image is read."""
+    makes it, from the text alone (batched tokenizer calls): no image is read."""
     prompts = [prompt_text(model_config, r.question) for r in records]
     prompt_len = {p: len(tokenizer(p, add_special_tokens=False)["input_ids"]) if p else 0 for p in set(prompts)}
     cap = max_target_tokens - 1 if max_target_tokens is not None else None
