@@ -143,7 +143,7 @@ def test_train_from_cached_features_skips_the_tower(tmp_path):
     in the estimate; the rest of the workload is the live run's."""
     model = [*TINY_VISION, "--lm", "gpt2", "--lm-layers", "1", "--prefix-length", "2", "--caption-tokens", "4"]
     live, _ = _bench(tmp_path, "train", *model)
-    cached, output = _bench(tmp_path, "train", *model, "--cached-features")
+    cached, _ = _bench(tmp_path, "train", *model, "--cached-features")
     assert cached["options"]["cached_features"] is True
     lr, cr = live["result"], cached["result"]
     assert lr["flops_parts"]["vision_forward"] > 0 and cr["flops_parts"]["vision_forward"] == 0
@@ -158,5 +158,5 @@ def test_train_from_cached_features_skips_the_tower(tmp_path):
 def test_cached_features_with_a_trained_tower_is_refused():
     result = runner.invoke(app, ["bench", "train", "--preset", "tiny", "--cached-features", *FAST])
     assert result.exit_code != 0
-    assert [line for line in result.output.splitlines() if line.startswith("error:")][0].startswith(
-        "error: --cached-features needs a frozen vision tower")
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --cached-features needs a frozen vision tower")

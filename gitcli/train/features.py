@@ -22,7 +22,6 @@ from gitcli.data.features import FeatureReader, FeatureStore, source_digest, uni
 from gitcli.dist import autocast, barrier, is_main_process
 from gitcli.errors import GitcapError
 
-
 TRAINED_TOWER = ("--cache-features needs a frozen vision tower, and this run trains it (--train-vision, or the "
                  "tiny preset, which trains everything): cached features would go stale")
 

@@ -225,7 +225,6 @@ def estimate(captioner, cfg: TrainConfig, *, world: int, stage: int | None, offl
 def dry_run(model_cfg: ModelConfig, cfg: TrainConfig, *, text_tokens: int, world: int | None = None) -> MemoryEstimate:
     """What `--dry-run` prints: checks the options, builds on meta, estimates; loads nothing."""
     from gitcli.train.deepspeed_config import check_combination, offloads, zero_stage
-
     from gitcli.train.features import check_cache_features
 
     override = check_combination(model_cfg, cfg)
