@@ -234,6 +234,8 @@ class TrainConfig:
     deepspeed_config: str | None = None
     report_to: str | None = None
     max_nonfinite: int = 20  # consecutive non-finite losses before giving up
+    cache_features: str | None = None  # directory of the frozen tower's precomputed features
+    bucket_by_length: bool = False  # batches of similar text length (less padding)
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:

@@ -135,3 +135,28 @@ def test_user_mistakes_are_one_error_line(args, message):
     assert result.exit_code != 0 and "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.output
+
+
+@pytest.mark.slow
+def test_train_from_cached_features_skips_the_tower(tmp_path):
+    """--cached-features: the step starts from features, so no tower FLOPs and no tower weights
+    in the estimate; the rest of the workload is the live run's."""
+    model = [*TINY_VISION, "--lm", "gpt2", "--lm-layers", "1", "--prefix-length", "2", "--caption-tokens", "4"]
+    live, _ = _bench(tmp_path, "train", *model)
+    cached, _ = _bench(tmp_path, "train", *model, "--cached-features")
+    assert cached["options"]["cached_features"] is True
+    lr, cr = live["result"], cached["result"]
+    assert lr["flops_parts"]["vision_forward"] > 0 and cr["flops_parts"]["vision_forward"] == 0
+    assert cr["flops_per_item"] == pytest.approx(lr["flops_per_item"] - lr["flops_parts"]["vision_forward"], rel=1e-9)
+    from gitcli.model.vision import create_clip_visual
+
+    tower_bytes = sum(p.numel() * 4 for p in create_clip_visual("gitcap-tiny-vit", None).parameters())  # fp32 on CPU
+    assert lr["memory_estimate_bytes"] - cr["memory_estimate_bytes"] == tower_bytes
+    assert math.isfinite(cr["last_loss"])
+
+
+def test_cached_features_with_a_trained_tower_is_refused():
+    result = runner.invoke(app, ["bench", "train", "--preset", "tiny", "--cached-features", *FAST])
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --cached-features needs a frozen vision tower")

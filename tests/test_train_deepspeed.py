@@ -192,3 +192,12 @@ def test_cli_refuses_zero3_with_int8_in_one_line():
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
         "error: ZeRO-3 partitions every weight, which an 8-bit LM cannot be; use --zero 2 with --int8, or drop --int8"]
+
+
+def test_zero2_trains_from_cached_features_like_the_plain_loop(tmp_path):
+    """The engine passes cached features through to the captioner as the plain loop does."""
+    frozen, feats = tiny_model_config(train_vision=False), str(tmp_path / "feats")
+    plain = train(frozen, DATA, _cfg(tmp_path, "plain", cache_features=feats, bucket_by_length=True), progress=False)
+    zero = train(frozen, DATA, _cfg(tmp_path, "z2", cache_features=feats, bucket_by_length=True, zero=2),
+                 progress=False)
+    assert zero.losses == pytest.approx(plain.losses, rel=1e-5)

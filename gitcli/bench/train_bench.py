@@ -2,7 +2,9 @@
 
 One step is what `gitcap train` does per batch: forward under autocast, loss over the
 caption tokens, backward, gradient clipping at 1.0, fused AdamW on GPUs (GradScaler with
-fp16) — on a fixed random batch, so data loading is not in the number.
+fp16) — on a fixed random batch, so data loading is not in the number. With
+`cached_features` the step starts from the tower's features stored as fp16 (what
+`train --cache-features` reads), and the tower waits in host RAM as it does in training.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from gitcli.bench.result import BenchResult, summarise
 from gitcli.bench.workload import BenchConfig, build_bench_model, random_batch
 from gitcli.dist import autocast, resolve_device, resolve_precision
 
-# (captioner, precision) -> estimated peak bytes. Handed in by the caller: the estimate
-# lives in gitcli.train, a module of bench's own level, which bench does not import.
-MemoryEstimator = Callable[[torch.nn.Module, str], int]
+# (captioner, precision, cached features) -> estimated peak bytes. Handed in by the caller:
+# the estimate lives in gitcli.train, a module of bench's own level, which bench does not import.
+MemoryEstimator = Callable[[torch.nn.Module, str, bool], int]
 
 
 def run_train_bench(cfg: BenchConfig, estimate_memory: MemoryEstimator | None = None) -> BenchResult:
@@ -36,6 +38,15 @@ def run_train_bench(cfg: BenchConfig, estimate_memory: MemoryEstimator | None = 
     mask = torch.ones_like(ids)
 
     vision_flops, mapping_flops = prefix_forward_flops(captioner, pixels)
+    features = None
+    if cfg.cached_features:
+        with torch.no_grad(), autocast(precision, device):
+            features = captioner.vision_features(pixels).to(torch.float16)  # (B, N, D), as the cache stores them
+        pixels = None
+        vision_flops = 0.0  # the tower does not run in a step
+        if device.type == "cuda":
+            captioner.vision.to("cpu")
+            torch.cuda.empty_cache()
     params = lm_params(captioner.lm)
     flops = train_flops_per_sample(vision=vision_flops, mapping=mapping_flops, lm=params,
                                    prefix=captioner.prefix_length, caption_tokens=tokens,
@@ -48,7 +59,7 @@ def run_train_bench(cfg: BenchConfig, estimate_memory: MemoryEstimator | None = 
 
     def step() -> None:
         with autocast(precision, device):
-            loss, _ = captioner(pixels, ids, mask, labels=ids)
+            loss, _ = captioner(pixels, ids, mask, labels=ids, features=features)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # gitcap train's default --clip-grad
@@ -68,7 +79,7 @@ def run_train_bench(cfg: BenchConfig, estimate_memory: MemoryEstimator | None = 
         flops_parts={"vision_forward": vision_flops, "mapping_forward": mapping_flops,
                      "lm_body_parameters": params.body, "lm_head_parameters": params.head},
         peak_memory_bytes=memory.peak_bytes(),
-        memory_estimate_bytes=estimate_memory(captioner, precision) if estimate_memory else None,
+        memory_estimate_bytes=estimate_memory(captioner, precision, cfg.cached_features) if estimate_memory else None,
         trainable_parameters=n_trainable,
         frozen_parameters=sum(p.numel() for p in captioner.parameters()) - n_trainable,
         prefix_length=captioner.prefix_length, precision=precision, device=str(device), last_loss=last_loss)

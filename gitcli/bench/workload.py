@@ -25,6 +25,7 @@ class BenchConfig:
     max_new_tokens: int = 20
     lm_layers: int | None = None  # shrink a named LM to this depth (sizing, tests)
     compile: bool = False  # torch.compile the LM
+    cached_features: bool = False  # train from precomputed tower features (train --cache-features)
     peak_tflops: float | None = None  # the device's peak, when gitcap's table lacks it
     seed: int = 0
 
@@ -40,6 +41,9 @@ class BenchConfig:
             raise GitcapError("--lm-layers shrinks a named LM architecture; the tiny preset has its own size")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise GitcapError("--peak-tflops must be positive")
+        if self.cached_features and self.model.train_vision:
+            raise GitcapError("--cached-features needs a frozen vision tower: features of a trained tower would go "
+                              "stale (drop --train-vision; the tiny preset trains its tower)")
 
 
 def build_bench_model(cfg: BenchConfig, device: torch.device):

@@ -47,9 +47,9 @@ def _train_estimator(batch_size: int, caption_tokens: int):
     from gitcli.config import TrainConfig
     from gitcli.train.memory import estimate
 
-    def run(captioner, precision: str) -> int:
+    def run(captioner, precision: str, cached_features: bool) -> int:
         return estimate(captioner, TrainConfig(batch_size=batch_size), world=1, stage=None, offload=False,
-                        precision=precision, text_tokens=caption_tokens).total
+                        precision=precision, text_tokens=caption_tokens, cached_features=cached_features).total
 
     return run
 
@@ -71,6 +71,7 @@ def train(
     precision: PrecisionOpt = None,
     batch_size: BatchSizeOpt = 32,
     caption_tokens: Annotated[int, typer.Option("--caption-tokens", min=1, help="Caption length in tokens.")] = 20,
+    cached_features: Annotated[bool, typer.Option("--cached-features", help="Train from precomputed fp16 tower features, as train --cache-features does: no tower forward, tower weights off the GPU.")] = False,
     steps: StepsOpt = 10,
     warmup: WarmupOpt = 3,
     lm_layers: LmLayersOpt = None,
@@ -93,6 +94,8 @@ def train(
 
         gitcap bench train --vision ViT-L-14 --lm opt-2.7b --prefix-length 5 --train-vision --batch-size 32
 
+        gitcap bench train --vision ViT-L-14 --lm opt-2.7b --prefix-length 5 --cached-features --batch-size 32
+
         gitcap bench train --preset tiny --device cpu --batch-size 4 --steps 3 --json tiny.json
     """
     from gitcli.bench.train_bench import run_train_bench
@@ -101,7 +104,7 @@ def train(
                         int8=int8, dtype=dtype, train_vision=train_vision, lora=lora, train_lm=train_lm,
                         device=device, precision=precision, batch_size=batch_size, steps=steps, warmup=warmup,
                         caption_tokens=caption_tokens, lm_layers=lm_layers, compile=compile,
-                        peak_tflops=peak_tflops, seed=seed)
+                        peak_tflops=peak_tflops, seed=seed, cached_features=cached_features)
     with console.status("building the model and timing training steps"):
         result = run_train_bench(cfg, estimate_memory=_train_estimator(batch_size, caption_tokens))
     _report("bench train", cfg, result, json_file)

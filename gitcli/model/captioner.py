@@ -51,12 +51,20 @@ class Captioner(nn.Module):
     def image_transform(self, is_train: bool = False):
         return image_transform(self.vision.visual, is_train=is_train)
 
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, D_vision) tower features, on the tower's device (which is the
+        host when a run trains from cached features and keeps the tower off the GPU)."""
+        weight = next(self.vision.parameters())
+        return self.vision(pixel_values.to(weight.device, weight.dtype))
+
+    def map_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, D_vision) tower features, live or cached -> (B, P, D_lm) prefix embeddings."""
+        mapping_dtype = next(self.mapping.parameters()).dtype
+        return self.mapping(features.to(self.device, mapping_dtype)).to(self.embed_dtype)
+
     def image_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, P, D_lm) prefix embeddings."""
-        vision_dtype = next(self.vision.parameters()).dtype
-        feats = self.vision(pixel_values.to(self.device, vision_dtype))
-        mapping_dtype = next(self.mapping.parameters()).dtype
-        return self.mapping(feats.to(mapping_dtype)).to(self.embed_dtype)
+        return self.map_features(self.vision_features(pixel_values))
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(input_ids)
@@ -78,14 +86,15 @@ class Captioner(nn.Module):
         return embeds, mask, position_ids_from_mask(mask)
 
     # ---- training forward ---------------------------------------------------------
-    def forward(self, pixel_values, input_ids, attention_mask, labels=None, prefix=None):
+    def forward(self, pixel_values, input_ids, attention_mask, labels=None, prefix=None, features=None):
         """Right-padded text after the prefix. Returns (loss or None, logits over text).
 
         `logits[:, i]` predicts `input_ids[:, i]`; only the T text positions are run
         through the LM head (never the prefix), which saves memory on large vocabularies.
+        `features` (B, N, D_vision), precomputed by the frozen tower, replace `pixel_values`.
         """
         if prefix is None:
-            prefix = self.image_prefix(pixel_values)
+            prefix = self.map_features(features) if features is not None else self.image_prefix(pixel_values)
         embeds, mask, positions = self.join(prefix, input_ids, attention_mask)
         t = input_ids.shape[1]
         out = self.lm(

@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from gitcli.config import DataConfig, ModelConfig, TrainConfig, to_dict, write_json
-from gitcli.data.datasets import Collator, RecordDataset, ResumableSampler
+from gitcli.data.datasets import (BucketBatchSampler, CachedFeatureDataset, Collator, RecordDataset, ResumableSampler,
+                                  token_lengths)
 from gitcli.data.sources import build_source
 from gitcli.dist import (all_reduce_mean, autocast, barrier, init_distributed, is_main_process, resolve_device,
                          resolve_precision)
@@ -33,6 +34,7 @@ from gitcli.model.checkpoint import (LATEST_FILE, load_checkpoint, resolve_check
                                      write_latest)
 from gitcli.train import zero as ds
 from gitcli.train.deepspeed_config import build_config, check_combination, offloads, zero_stage
+from gitcli.train.features import build_feature_cache, check_cache_features
 from gitcli.train.report import Reporter, check_available
 from gitcli.train.schedule import lr_factor
 from gitcli.train.state import load_state, rng_state, save_state, set_rng_state
@@ -106,6 +108,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     """Run training; returns a summary. `stop_after` ends the process's run early (tests)."""
     cfg.validate()
     model_cfg.validate_for_training()
+    check_cache_features(model_cfg, cfg)
     ds_override = check_combination(model_cfg, cfg)  # before anything loads
     stage = zero_stage(cfg, ds_override)
     check_available(cfg.report_to)
@@ -124,10 +127,17 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
             print(f"nothing to resume in {out}: starting a new run")
     elif (out / LATEST_FILE).is_file():
         raise GitcapError(f"{out} already holds a run; pass --resume to continue it or choose another --output-dir")
+    state = load_state(resume_from) if resume_from is not None else None
+    sampler_kind = "bucket-by-length" if cfg.bucket_by_length else "shuffle"
+    if state is not None and state.get("sampler", "shuffle") != sampler_kind:
+        # another order would replay or skip data; said before anything loads or is cached
+        with_or_not = "with" if state.get("sampler") == "bucket-by-length" else "without"
+        raise GitcapError(f"{out} was trained {with_or_not} --bucket-by-length; resume it the same way")
 
     torch.manual_seed(cfg.seed)
     model = _build_model(model_cfg, cfg, device, resume_from)
     model_cfg = model.config
+    check_cache_features(model_cfg, cfg)  # again: a resumed run trains what its checkpoint says
     if cfg.grad_checkpointing:
         if model_cfg.lm_trained:
             model.lm.gradient_checkpointing_enable()
@@ -137,9 +147,28 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     records, loader_fn, notes = build_source(data_cfg)
     if not records:
         raise GitcapError(f"no training examples in {data_cfg.source}")
-    dataset = RecordDataset(records, loader_fn, model.image_transform(), model.tokenizer, model_cfg,
-                            data_cfg.max_target_tokens)
-    sampler = ResumableSampler(len(dataset), cfg.seed, rank, world)
+    image_key = "pixel_values"
+    if cfg.cache_features:
+        features, image_index = build_feature_cache(
+            model, records, loader_fn, data_cfg, cfg.cache_features, batch_size=cfg.batch_size, device=device,
+            precision=precision, rank=rank, world=world, progress=progress)
+        dataset = CachedFeatureDataset(records, image_index, features, model.tokenizer, model_cfg,
+                                       data_cfg.max_target_tokens)
+        image_key = "features"
+    else:
+        dataset = RecordDataset(records, loader_fn, model.image_transform(), model.tokenizer, model_cfg,
+                                data_cfg.max_target_tokens)
+    sampler: ResumableSampler | BucketBatchSampler
+    if cfg.bucket_by_length:
+        lengths = token_lengths(records, model.tokenizer, model_cfg, data_cfg.max_target_tokens)
+        sampler = BucketBatchSampler(lengths, cfg.batch_size, cfg.seed, rank, world)
+    else:
+        sampler = ResumableSampler(len(dataset), cfg.seed, rank, world)
+    # Training from cached features, the tower only runs for validation: keep it in host RAM
+    # (DeepSpeed places the whole module itself, so there it stays).
+    tower_offloaded = bool(cfg.cache_features) and device.type == "cuda" and stage is None
+    if tower_offloaded:
+        model.vision.to("cpu")
     micro_per_epoch = (len(dataset) // world) // cfg.batch_size
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
@@ -156,6 +185,10 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
             from torch.nn.parallel import DistributedDataParallel
 
             # find_unused_parameters: a grid tower never runs its pooling head (ln_post, proj)
+            # DDP wants every parameter and buffer on one device; the frozen host-side tower needs no syncing
+            if tower_offloaded:
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    model, [f"vision.{n}" for n, _ in [*model.vision.named_parameters(), *model.vision.named_buffers()]])
             train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                    find_unused_parameters=True)
     else:
@@ -170,8 +203,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         train_module = engine
 
     step, epoch, micro_done, best, nonfinite_run = 0, 0, 0, None, 0
-    if resume_from is not None:
-        state = load_state(resume_from)
+    if state is not None:
         if engine is None:
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
@@ -197,7 +229,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         name = f"checkpoint-{tag_step}"
         rngs = _gather_rng(world)
         state = {"scheduler": scheduler.state_dict(), "rng": rngs, "step": tag_step, "epoch": epoch,
-                 "micro_done": micro_done, "best": result.best_score}
+                 "micro_done": micro_done, "best": result.best_score, "sampler": sampler_kind}
         staging = out / f".{name}.deepspeed"
         if engine is None:
             if is_main_process():
@@ -226,7 +258,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         if validator is None:
             return
         model.eval()
-        report = validator(model, step)
+        with _tower_on(model, device) if tower_offloaded else contextlib.nullcontext():
+            report = validator(model, step)
         model.train()
         if is_main_process():
             metrics.write(json.dumps({"step": step, "validation": report}) + "\n")
@@ -246,17 +279,25 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
             bar.update(step, None, scheduler.get_last_lr()[0], 0.0)
             while step < total_steps and (stop_after is None or len(result.losses) < stop_after):
                 sampler.set_position(epoch, micro_done * cfg.batch_size)
-                loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                                    num_workers=data_cfg.num_workers, collate_fn=Collator(model.tokenizer.pad_token_id),
-                                    drop_last=True, persistent_workers=False)
+                collate = Collator(model.tokenizer.pad_token_id, image_key)
+                if isinstance(sampler, BucketBatchSampler):
+                    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=data_cfg.num_workers,
+                                        collate_fn=collate, persistent_workers=False)
+                else:
+                    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                                        num_workers=data_cfg.num_workers, collate_fn=collate,
+                                        drop_last=True, persistent_workers=False)
                 group_losses, bad = [], False
                 for batch in loader:
                     micro_done += 1
                     result.skipped_images += batch["skipped"]
                     if batch["size"] > 0:
                         with autocast(precision, device) if engine is None else contextlib.nullcontext():
-                            loss, _ = train_module(batch["pixel_values"].to(device), batch["input_ids"].to(device),
-                                                   batch["attention_mask"].to(device), batch["labels"].to(device))
+                            image = batch[image_key].to(device)  # pixels, or the tower's cached features
+                            live = image_key == "pixel_values"
+                            loss, _ = train_module(image if live else None, batch["input_ids"].to(device),
+                                                   batch["attention_mask"].to(device), batch["labels"].to(device),
+                                                   features=None if live else image)
                         bad |= not bool(torch.isfinite(loss))
                         if not bad and engine is not None:
                             # DeepSpeed divides by grad_accum and reduces at the boundary
@@ -328,6 +369,16 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     result.seconds = time.perf_counter() - start
     result.samples_per_second = samples_seen * world / max(result.seconds, 1e-9)
     return result
+
+
+@contextlib.contextmanager
+def _tower_on(model: Captioner, device: torch.device):
+    """The tower on `device` for a while (validation decodes images), then back in host RAM."""
+    model.vision.to(device)
+    try:
+        yield
+    finally:
+        model.vision.to("cpu")
 
 
 def _replace_dir(source: Path, target: Path) -> None:

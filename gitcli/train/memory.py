@@ -17,6 +17,8 @@ sum of four parts, each per GPU, for a run on GPUs (frozen weights stored in `--
   dtype plus an fp32 copy for the loss. The LM always back-propagates (the mapping's
   gradient passes through it); the vision tower only with `--train-vision`. Gradient
   checkpointing keeps each layer's input and one layer's full activations.
+With `--cache-features` the tower's weights are not on the GPU (they wait in host RAM for
+validation), except under DeepSpeed, which places the whole module on the GPU itself.
 Not counted: the CUDA context and allocator slack (often 0.5-1 GiB), temporary buffers.
 """
 
@@ -163,8 +165,12 @@ def activation_elements(stack: Stack, batch: int, checkpointing: bool) -> int:
 
 
 def estimate(captioner, cfg: TrainConfig, *, world: int, stage: int | None, offload: bool,
-             precision: str, text_tokens: int) -> MemoryEstimate:
-    """Per-GPU estimate for `captioner` (built on meta) trained with `cfg`."""
+             precision: str, text_tokens: int, cached_features: bool | None = None) -> MemoryEstimate:
+    """Per-GPU estimate for `captioner` (built on meta) trained with `cfg`; `cached_features`
+    (default: whether `cfg` caches them) trains from precomputed tower features."""
+    cached = bool(cfg.cache_features) if cached_features is None else cached_features
+    tower_off = cached and stage is None and not captioner.config.train_vision  # as the loop does
+    tower = {id(p) for p in captioner.vision.parameters()} if tower_off else set()
     stage = stage or 0
     int8 = _int8_weights(captioner.lm) if captioner.config.int8 else set()
     trainable = frozen = weight_bytes = grad_bytes = 0
@@ -172,7 +178,8 @@ def estimate(captioner, cfg: TrainConfig, *, world: int, stage: int | None, offl
         size = p.element_size()
         if id(p) in int8:
             size = 1
-        weight_bytes += p.numel() * size
+        if id(p) not in tower:
+            weight_bytes += p.numel() * size
         if p.requires_grad:
             trainable += p.numel()
             grad_bytes += p.numel() * size
@@ -181,6 +188,10 @@ def estimate(captioner, cfg: TrainConfig, *, world: int, stage: int | None, offl
     opt_bytes = 2 * grad_bytes  # AdamW: exp_avg and exp_avg_sq in the parameter's dtype
     notes = []
     host = 0
+    if tower_off:
+        notes.append("--cache-features: the vision tower's weights wait in host RAM (for validation), not counted")
+    elif cached:
+        notes.append("--cache-features under DeepSpeed: the tower's weights stay on the GPU, unused by training")
     if stage >= 1:
         opt_bytes //= world
     if stage >= 2:
@@ -214,8 +225,10 @@ def estimate(captioner, cfg: TrainConfig, *, world: int, stage: int | None, offl
 def dry_run(model_cfg: ModelConfig, cfg: TrainConfig, *, text_tokens: int, world: int | None = None) -> MemoryEstimate:
     """What `--dry-run` prints: checks the options, builds on meta, estimates; loads nothing."""
     from gitcli.train.deepspeed_config import check_combination, offloads, zero_stage
+    from gitcli.train.features import check_cache_features
 
     override = check_combination(model_cfg, cfg)
+    check_cache_features(model_cfg, cfg)
     stage = zero_stage(cfg, override)
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     vocabulary = None
