@@ -206,3 +206,19 @@ def test_aliases_resolve():
     cfg = ModelConfig(vision="ViT-L/14", lm="opt-2.7b")
     assert (cfg.vision, cfg.lm) == ("ViT-L-14", "facebook/opt-2.7b")
     assert ModelConfig(lm="llama-7b").lm == "huggyllama/llama-7b"
+
+
+def test_a_frozen_tower_stays_in_eval_mode_while_the_rest_trains(vocab):
+    """A ResNet tower's BatchNorm must not update its statistics when the tower is frozen."""
+    import dataclasses
+
+    from gitcli.model.captioner import build_captioner
+    from gitcli.model.tiny import tiny_model_config
+
+    frozen = build_captioner(dataclasses.replace(tiny_model_config(), train_vision=False), vocabulary=vocab)
+    frozen.train()
+    assert frozen.mapping.training and frozen.lm.training
+    assert not any(m.training for m in frozen.vision.modules())
+    trained = build_captioner(tiny_model_config(), vocabulary=vocab).train()
+    assert trained.vision.training
+    assert not frozen.train(False).mapping.training

@@ -39,6 +39,15 @@ class Captioner(nn.Module):
         self.tokenizer = tokenizer
         self.prefix_length = prefix_length_of(config, vision.num_tokens)
 
+    def train(self, mode: bool = True) -> "Captioner":
+        """A frozen tower stays in eval mode while the rest trains: a ResNet's BatchNorm
+        would otherwise update its running statistics (a frozen model that changes) and
+        normalise by batch statistics, unlike the features a cache or inference sees."""
+        super().train(mode)
+        if mode and not self.config.train_vision:
+            self.vision.eval()
+        return self
+
     # ---- pieces ---------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
