@@ -63,10 +63,11 @@ def tower_calls(monkeypatch):
 
 def test_cache_is_written_in_fp16_safetensors_then_reused(vocab, tmp_path, tower_calls):
     model = _frozen(vocab)
+    model.vision.train()  # not the mode a frozen tower trains in: the pass must give it back as it was
     reader, index = _cache(model, tmp_path / "f")
     files = sorted(p.name for p in (tmp_path / "f").iterdir())
     assert files == ["chunk-00000.safetensors", "chunk-00001.safetensors", "chunk-00002.safetensors", "meta.json"]
-    assert sum(tower_calls) == 10 and model.vision.training  # each image once; train mode restored
+    assert sum(tower_calls) == 10 and model.vision.training  # each image once; its mode restored
     meta = json.loads((tmp_path / "f" / "meta.json").read_text())
     assert meta["images"] == 10 and meta["dtype"] == "float16" and meta["shape"] == [16, 128]
     with safe_open(str(tmp_path / "f" / "chunk-00002.safetensors"), framework="pt") as f:
