@@ -18,7 +18,8 @@ Two ways to hold the cache (`GenerationConfig.cache`), same outputs:
   and a new shape is a new cache and a new graph. Captions end within a few tokens of
   each other and a decode step is bound by reading the weights, not by its row count, so
   the rows kept cost little next to what fixed shapes save; the batch still stops as
-  soon as every row has ended.
+  soon as every row has ended. (Sampling therefore draws for every row at every step:
+  once rows end early, its seeded draws differ from the dynamic path's.)
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import torch
 
 # Cache lengths are rounded up to this, so batches whose prompts differ by a few tokens
 # (questions) share one cache and one compiled graph; the extra positions stay masked.
-LENGTH_STEP = 16
+LENGTH_STEP = 8
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm -> StaticState
 
