@@ -135,7 +135,11 @@ class GenerationConfig:
     length_penalty: float = 1.0
     seed: int = 0
     # "dynamic": the cache grows per step and finished rows leave the batch; "static": one
-    # preallocated cache with fixed shapes (see gitcli.generate.decode for the trade-off)
+    # preallocated cache with fixed shapes (see gitcli.generate.decode for the trade-off).
+    # Dynamic is the default: static holds its cache after the call, runs finished rows to
+    # the end and attends over the whole preallocated length, so it is not always faster
+    # (transformers' own static cache was slower than its dynamic one for beam search on
+    # an H200); its gain comes with --compile on a GPU, which costs a compile per shape.
     cache: str = "dynamic"
     compile: bool = False  # torch.compile the one-token step (a CUDA graph on GPUs); static only
 

@@ -248,8 +248,8 @@ def _beam_search(lm, embeds, mask, positions, config: GenerationConfig, eos: int
 
         rows = (parent + offsets)  # (B, nb): the cache row each surviving beam continues
         if bool(done.any()):  # a finished image leaves the batch: its result is final
-            for b in done.nonzero()[:, 0].tolist():
-                results[int(image[b])] = _best(fin_seqs[b], fin_lens[b], fin_scores[b], eos)
+            ended = done.nonzero()[:, 0]
+            _keep_best(results, image[ended], fin_seqs[ended], fin_lens[ended], fin_scores[ended], eos)
             keep = (~done).nonzero()[:, 0]
             rows, image = rows[keep], image[keep]
             run_seqs, run_scores, next_token = run_seqs[keep], run_scores[keep], next_token[keep]
@@ -264,14 +264,14 @@ def _beam_search(lm, embeds, mask, positions, config: GenerationConfig, eos: int
         logits = _step(lm, cache, mask, next_pos, ids=next_token.flatten()[:, None])
         next_pos = next_pos + 1
 
-    # the top hypothesis of each image still in the batch, read back in one transfer
-    best = zip(image.tolist(), fin_seqs[:, 0].tolist(), fin_lens[:, 0].tolist(), fin_scores[:, 0].tolist())
-    for b, seq, length, score in best:
-        results[b] = (_until_eos(seq[:length], eos), score)
+    _keep_best(results, image, fin_seqs, fin_lens, fin_scores, eos)
     return results
 
 
-def _best(seqs: torch.Tensor, lens: torch.Tensor, scores: torch.Tensor, eos: int):
-    """The top kept hypothesis of one image: (tokens without EOS, normalised score)."""
-    tokens = seqs[0, : int(lens[0])].tolist()
-    return _until_eos(tokens, eos), float(scores[0])
+def _keep_best(results: list, images: torch.Tensor, seqs: torch.Tensor, lens: torch.Tensor, scores: torch.Tensor,
+               eos: int) -> None:
+    """Store each image's top kept hypothesis in `results[image]` as (tokens without EOS,
+    normalised score); the (n, nb, T) hypotheses are read back in one transfer."""
+    rows = zip(images.tolist(), seqs[:, 0].tolist(), lens[:, 0].tolist(), scores[:, 0].tolist())
+    for image, tokens, length, score in rows:
+        results[image] = (_until_eos(tokens[:length], eos), score)
