@@ -186,6 +186,29 @@ def test_compiled_step_matches_eager_and_compiles_once(tiny_captioner, scene_ima
         static_mod._STATES.pop(tiny_captioner.lm, None)
 
 
+@pytest.mark.gpu
+@torch.no_grad()
+def test_cuda_graph_step_matches_dynamic_decoding(tiny_captioner, scene_images):
+    """On a GPU --compile captures the one-token step as a CUDA graph ("reduce-overhead"):
+    each replay must read the cache as it is now (written in place, beams reordered
+    between replays), on the first call and on the next one that reuses the graph."""
+    import copy
+
+    model = copy.deepcopy(tiny_captioner).cuda()  # the session fixture stays on the CPU
+    px, _, _ = _inputs(tiny_captioner, scene_images, PROMPTS)
+    torch._dynamo.reset()
+    try:
+        for bias in (0.0, 0.75):
+            with eos_bias(model.lm, model.tokenizer.eos_token_id, bias):
+                for beams in (1, 3):
+                    dynamic = _tokens(model, px, GenerationConfig(max_new_tokens=10, beams=beams))
+                    cfg = GenerationConfig(max_new_tokens=10, beams=beams, cache="static", compile=True)
+                    assert _tokens(model, px, cfg) == dynamic, (bias, beams)
+                    assert _tokens(model, px, cfg) == dynamic, (bias, beams)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_generation_config_cache_and_compile_validation():
     with pytest.raises(GitcapError, match="--cache must be one of dynamic, static"):
         GenerationConfig(cache="paged").validate()

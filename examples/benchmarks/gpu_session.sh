@@ -68,6 +68,11 @@ HF=(--decoder transformers)
 # row A: vision trained, batch 32 — baseline (fp32 LM, fp16 autocast + GradScaler) vs gitcap
 step baseline-A 150 "$PY" "$BASELINE" "${BASE[@]}" --batch 32
 gstep train-A 100 train --train-vision --batch-size 32 --caption-tokens 20 --steps 20 --warmup 5
+# the compiled (CUDA graph) decoder gives the dynamic decoder's tokens on this GPU: without
+# that its speed means nothing (tiny model, fp32; skipped where pytest is missing)
+if "$PY" -c "import pytest" 2>/dev/null; then
+  step decode-check 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_generate_static.py
+fi
 # decoding, beam 3, 20 new tokens, batch 256: transformers' generate() (bf16 weights, the
 # reference of the decoding targets) and gitcap's three ways. A compiled row spends its
 # first (warm-up) decode compiling: its limit is the longest.
