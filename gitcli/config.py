@@ -121,6 +121,9 @@ class ModelConfig:
         return self.train_lm or self.lora_rank > 0
 
 
+GENERATION_CACHES = ("dynamic", "static")
+
+
 @dataclass
 class GenerationConfig:
     """Decoding options shared by caption, ask and infer-tsv."""
@@ -131,8 +134,22 @@ class GenerationConfig:
     top_p: float = 1.0
     length_penalty: float = 1.0
     seed: int = 0
+    # "dynamic": the cache grows per step and finished rows leave the batch; "static": one
+    # preallocated cache with fixed shapes (see gitcli.generate.decode for the trade-off).
+    # Dynamic is the default: static holds its cache after the call, runs finished rows to
+    # the end and attends over the whole preallocated length, so it is not always faster
+    # (transformers' own static cache was slower than its dynamic one for beam search on
+    # an H200); its gain comes with --compile on a GPU, which costs a compile per shape.
+    cache: str = "dynamic"
+    compile: bool = False  # torch.compile the one-token step (a CUDA graph on GPUs); static only
 
     def validate(self) -> None:
+        if self.cache not in GENERATION_CACHES:
+            raise GitcapError(f"--cache must be one of {', '.join(GENERATION_CACHES)}, not {self.cache!r}")
+        if not isinstance(self.compile, bool):
+            raise GitcapError(f"compile must be true or false, not {self.compile!r}")
+        if self.compile and self.cache != "static":
+            raise GitcapError("--compile needs --cache static: a growing cache changes shape every step")
         if self.max_new_tokens < 1:
             raise GitcapError("--max-new-tokens must be at least 1")
         if self.beams < 1:

@@ -160,3 +160,24 @@ def test_cached_features_with_a_trained_tower_is_refused():
     assert result.exit_code != 0
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: --cached-features needs a frozen vision tower")
+
+
+@pytest.mark.parametrize("decoding", [["--cache", "static"], ["--decoder", "transformers"]])
+def test_generate_static_cache_and_transformers_reference(tmp_path, decoding):
+    report, output = _bench(tmp_path, "generate", "--preset", "tiny", "--beams", "2", "--max-new-tokens", "3",
+                            *decoding)
+    _check_numbers(report, 3)
+    options = report["options"]
+    assert (options["cache"], options["decoder"]) == (("static", "gitcap") if "--cache" in decoding
+                                                      else ("dynamic", "transformers"))
+    assert ("static cache" in output) == ("--cache" in decoding)
+
+
+def test_generate_decoding_options_are_checked(tmp_path):
+    for args, message in ((["--compile"], "--compile needs --cache static"),
+                          (["--decoder", "hf"], "--decoder must be gitcap or transformers"),
+                          (["--decoder", "transformers", "--cache", "static"], "--decoder transformers")):
+        result = runner.invoke(app, ["bench", "generate", "--preset", "tiny", *FAST, *args], terminal_width=200)
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], result.output

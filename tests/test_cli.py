@@ -75,6 +75,18 @@ def test_ask_json(tiny_checkpoint, scene_images, tmp_path):
     assert record["question"] == "what color is the circle?" and isinstance(record["answer"], str)
 
 
+def test_caption_static_cache_prints_the_same_captions(tiny_checkpoint, scene_images, tmp_path):
+    for i, im in enumerate(scene_images[:3]):
+        im.save(tmp_path / f"{i}.png")
+    outputs = []
+    for extra in ([], ["--cache", "static"], ["--cache", "static", "--beams", "2"], ["--beams", "2"]):
+        result = runner.invoke(app, ["caption", str(tmp_path), "-c", str(tiny_checkpoint), "--max-new-tokens", "5",
+                                     "--batch-size", "2", *extra])
+        assert result.exit_code == 0, result.output
+        outputs.append([line for line in result.stdout.splitlines() if "\t" in line])
+    assert outputs[0] == outputs[1] and outputs[2] == outputs[3] and len(outputs[0]) == 3
+
+
 def test_missing_image(tiny_checkpoint, tmp_path):
     line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "nope.jpg"), "-c", str(tiny_checkpoint)]))
     assert "not found" in line
@@ -104,6 +116,12 @@ def test_bad_options_are_one_line(tiny_checkpoint, tmp_path, scene_images):
     line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "x.png"), "-c", str(tiny_checkpoint),
                                                "--beams", "2", "--temperature", "0.7"]))
     assert "exclusive" in line
+    line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "x.png"), "-c", str(tiny_checkpoint),
+                                               "--compile"]))
+    assert "--compile needs --cache static" in line
+    line = _one_error_line(runner.invoke(app, ["ask", str(tmp_path / "x.png"), "what?", "-c", str(tiny_checkpoint),
+                                               "--cache", "paged"]))
+    assert "--cache must be one of dynamic, static" in line
     line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "x.png"), "-c", str(tiny_checkpoint),
                                                "--device", "cuda:7"]))
     assert "cuda" in line.lower()

@@ -119,3 +119,17 @@ def test_bad_row_fails_alone_and_cli_exits_nonzero(tiny_checkpoint, image_tsv, t
     assert result.exit_code == 1, result.output
     assert "row 2" in result.output and "row 4" in result.output and "Traceback" not in result.output
     assert [r[0] for r in _rows(out)] == ["100", "101", "103", "105"]
+
+
+def test_cli_static_cache_writes_the_same_results(tiny_checkpoint, image_tsv, tmp_path):
+    """--cache static reaches the decoder and changes no output; 6 rows in batches of 4
+    give two batch shapes, so the static state is rebuilt once on the way."""
+    outputs = []
+    for extra in ([], ["--cache", "static"]):
+        out = tmp_path / f"res{len(outputs)}.tsv"
+        result = CliRunner().invoke(app, ["infer-tsv", "--images", str(image_tsv), "--out", str(out), "-c",
+                                          str(tiny_checkpoint), "--max-new-tokens", "4", "--batch-size", "4",
+                                          "--beams", "2", "--device", "cpu", *extra])
+        assert result.exit_code == 0, result.output
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 6

@@ -4,6 +4,10 @@ One iteration decodes a batch exactly as `caption` does — image prefix under a
 then greedy or beam search with the KV cache — except that end-of-sequence never stops a
 row, so every image gets exactly `max_new_tokens` tokens (random weights would end rows
 at random; the baseline forces the same length with `min_new_tokens`).
+
+`decoder="transformers"` times `transformers` `generate()` on the same model, prefix and
+token count instead (`min_new_tokens` fixes the length), so that gitcap's decoder can be
+compared with it in one run on one GPU.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from gitcli.model.captioner import position_ids_from_mask
 
 def run_generate_bench(cfg: BenchConfig) -> BenchResult:
     cfg.validate()
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, beams=cfg.beams)
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, beams=cfg.beams, cache=cfg.cache, compile=cfg.compile)
     gen.validate()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     memory = PeakMemory(device)
     memory.start()
-    captioner = build_bench_model(cfg, device)
+    # --compile compiles the decoder's one-token step (GenerationConfig.compile), not the
+    # whole LM: a compiled LM forward would see a new shape at every step of a growing cache
+    captioner = build_bench_model(cfg, device, compile_lm=False)
     captioner.eval()
     pixels, _ = random_batch(captioner, cfg.batch_size, 1, cfg.seed, device)
 
@@ -42,7 +48,10 @@ def run_generate_bench(cfg: BenchConfig) -> BenchResult:
         with autocast(precision, device):
             prefix = captioner.image_prefix(pixels)  # (B, P, D)
             mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
-            rows = decode_tokens(captioner.lm, prefix, mask, position_ids_from_mask(mask), gen, eos=None)
+            if cfg.decoder == "transformers":
+                rows = _transformers_generate(captioner.lm, prefix, mask, cfg)
+            else:
+                rows = decode_tokens(captioner.lm, prefix, mask, position_ids_from_mask(mask), gen, eos=None)
         short = [len(tokens) for tokens, _ in rows if len(tokens) != cfg.max_new_tokens]
         if len(rows) != cfg.batch_size or short:
             raise RuntimeError(f"decoding returned {len(rows)} rows, lengths {short[:3]} instead of "
@@ -58,3 +67,13 @@ def run_generate_bench(cfg: BenchConfig) -> BenchResult:
         peak_memory_bytes=memory.peak_bytes(), memory_estimate_bytes=None,
         trainable_parameters=0, frozen_parameters=total,
         prefix_length=captioner.prefix_length, precision=precision, device=str(device))
+
+
+def _transformers_generate(lm, prefix: torch.Tensor, mask: torch.Tensor, cfg: BenchConfig):
+    """`generate()` as users call it, forced to `max_new_tokens` -> (token ids, None) per image."""
+    eos = lm.config.eos_token_id
+    pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else eos
+    out = lm.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                      min_new_tokens=cfg.max_new_tokens, num_beams=cfg.beams, do_sample=False,
+                      eos_token_id=eos, pad_token_id=pad)
+    return [(row, None) for row in out.tolist()]  # with inputs_embeds only new tokens come back

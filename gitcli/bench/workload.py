@@ -24,8 +24,12 @@ class BenchConfig:
     beams: int = 3
     max_new_tokens: int = 20
     lm_layers: int | None = None  # shrink a named LM to this depth (sizing, tests)
-    compile: bool = False  # torch.compile the LM
+    compile: bool = False  # train: torch.compile the LM; generate: the one-token decoding step
     cached_features: bool = False  # train from precomputed tower features (train --cache-features)
+    cache: str = "dynamic"  # generate: the KV cache, as GenerationConfig.cache
+    # generate: "gitcap" (ours) or "transformers" (`generate()` on the same model and inputs,
+    # the reference the decoder's speed is judged against, timed in the same run)
+    decoder: str = "gitcap"
     peak_tflops: float | None = None  # the device's peak, when gitcap's table lacks it
     seed: int = 0
 
@@ -39,6 +43,11 @@ class BenchConfig:
             raise GitcapError("--lm-layers must be at least 1")
         if self.lm_layers is not None and self.model.preset is not None:
             raise GitcapError("--lm-layers shrinks a named LM architecture; the tiny preset has its own size")
+        if self.decoder not in ("gitcap", "transformers"):
+            raise GitcapError(f"--decoder must be gitcap or transformers, not {self.decoder!r}")
+        if self.decoder == "transformers" and (self.cache != "dynamic" or self.compile):
+            raise GitcapError("--cache and --compile choose how gitcap's decoder runs; --decoder transformers "
+                              "times generate() as it comes")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise GitcapError("--peak-tflops must be positive")
         if self.cached_features and self.model.train_vision:
@@ -46,7 +55,7 @@ class BenchConfig:
                               "stale (drop --train-vision; the tiny preset trains its tower)")
 
 
-def build_bench_model(cfg: BenchConfig, device: torch.device):
+def build_bench_model(cfg: BenchConfig, device: torch.device, compile_lm: bool = True):
     """The captioner `cfg` describes, random weights throughout, on `device`.
 
     Named LMs are built from their config (gitcli.bench.architectures), never downloaded;
@@ -71,7 +80,7 @@ def build_bench_model(cfg: BenchConfig, device: torch.device):
         visual = create_clip_visual(model_cfg.vision, None)
         lm = build_random_lm(config, dtype=dtype, int8=model_cfg.int8, device=device)
         captioner = assemble_captioner(model_cfg, visual, lm, None, device=device, dtype=dtype)
-    if cfg.compile:
+    if cfg.compile and compile_lm:
         captioner.lm.compile()  # in place: the module's forward goes through torch.compile
     return captioner
 

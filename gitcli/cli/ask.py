@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CheckpointOpt, DeviceOpt, DtypeOpt, JsonOpt,
-                               MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt,
+from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt,
+                               JsonOpt, MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt,
                                user_errors)
 
 
@@ -22,6 +22,8 @@ def ask(
     max_new_tokens: MaxNewTokensOpt = 10,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
+    cache: CacheOpt = "dynamic",
+    compile: DecodeCompileOpt = False,
     batch_size: BatchSizeOpt = 16,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -40,4 +42,5 @@ def ask(
         raise GitcapError("the question is empty")
     run_and_print([image], [question], checkpoint=checkpoint, preset=preset, device=device, dtype=dtype,
                   precision=precision, batch_size=batch_size, beams=beams, max_new_tokens=max_new_tokens,
-                  temperature=temperature, top_p=top_p, seed=seed, as_json=json_out)
+                  temperature=temperature, top_p=top_p, seed=seed, cache=cache, compile=compile,
+                  as_json=json_out)

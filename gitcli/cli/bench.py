@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, DeviceOpt, DtypeOpt, MaxNewTokensOpt, PrecisionOpt, PresetOpt,
-                               SeedOpt, console, user_errors)
+from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt, MaxNewTokensOpt,
+                               PrecisionOpt, PresetOpt, SeedOpt, console, user_errors)
 from gitcli.cli.model_options import (GridOpt, Int8Opt, LoraOpt, MappingOpt, PrefixLengthOpt, TrainLmOpt,
                                       TrainVisionOpt, VisionOpt)
 
@@ -125,10 +125,14 @@ def generate(
     batch_size: BatchSizeOpt = 32,
     beams: BeamsOpt = 3,
     max_new_tokens: MaxNewTokensOpt = 20,
+    cache: CacheOpt = "dynamic",
+    compile: DecodeCompileOpt = False,
+    decoder: Annotated[str, typer.Option(
+        "--decoder", help="gitcap, or transformers: time generate() on the same model and inputs "
+                          "(the reference, in the same run).")] = "gitcap",
     steps: StepsOpt = 5,
     warmup: WarmupOpt = 2,
     lm_layers: LmLayersOpt = None,
-    compile: CompileOpt = False,
     peak_tflops: PeakOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -145,15 +149,21 @@ def generate(
 
         gitcap bench generate --vision ViT-L-14 --lm opt-2.7b --prefix-length 5 --beams 3 --batch-size 256
 
+        gitcap bench generate --vision ViT-L-14 --lm opt-2.7b --prefix-length 5 --cache static --compile --batch-size 256
+
         gitcap bench generate --preset tiny --device cpu --batch-size 4 --beams 1 --json tiny.json
+
+    --cache static --compile times the preallocated cache with the one-token step compiled
+    (a CUDA graph on GPUs); the compile happens in the --warmup iterations. --decoder
+    transformers times transformers' generate() on the same workload, the reference.
     """
     from gitcli.bench.generate_bench import run_generate_bench
 
     cfg = _bench_config(preset=preset, vision=vision, lm=lm, mapping=mapping, prefix_length=prefix_length, grid=grid,
                         int8=int8, dtype=dtype, train_vision=False, lora=0, train_lm=False, device=device,
                         precision=precision, batch_size=batch_size, steps=steps, warmup=warmup, beams=beams,
-                        max_new_tokens=max_new_tokens, lm_layers=lm_layers, compile=compile,
-                        peak_tflops=peak_tflops, seed=seed)
+                        max_new_tokens=max_new_tokens, lm_layers=lm_layers, compile=compile, cache=cache,
+                        decoder=decoder, peak_tflops=peak_tflops, seed=seed)
     with console.status("building the model and timing decoding"):
         result = run_generate_bench(cfg)
     _report("bench generate", cfg, result, json_file)
@@ -176,7 +186,9 @@ def _report(command: str, cfg, result, json_file: Path | None) -> None:
     lm = model.lm + (f" ({cfg.lm_layers} layers)" if cfg.lm_layers else "")
     what = f"{model.vision} + {lm}" if model.preset is None else f"{model.preset} preset"
     workload = (f"{cfg.caption_tokens} caption tokens" if result.kind == "train"
-                else f"{cfg.max_new_tokens} new tokens, beams {cfg.beams}")
+                else f"{cfg.max_new_tokens} new tokens, beams {cfg.beams}, "
+                     + ("transformers generate()" if cfg.decoder == "transformers" else
+                        f"{cfg.cache} cache" + (", compiled step" if cfg.compile else "")))
     table = Table(title=f"{command}: {what}, batch {result.batch_size}, {workload}", show_header=False)
     unit = result.unit
     table.add_row(f"{unit}/s", f"{result.items_per_s:,.2f}")

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CheckpointOpt, DeviceOpt, DtypeOpt, JsonOpt,
-                               MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt,
+from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt,
+                               JsonOpt, MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt,
                                user_errors)
 
 
@@ -21,6 +21,8 @@ def caption(
     max_new_tokens: MaxNewTokensOpt = 20,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
+    cache: CacheOpt = "dynamic",
+    compile: DecodeCompileOpt = False,
     batch_size: BatchSizeOpt = 16,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -36,4 +38,5 @@ def caption(
 
     run_and_print(images, [None], checkpoint=checkpoint, preset=preset, device=device, dtype=dtype,
                   precision=precision, batch_size=batch_size, beams=beams, max_new_tokens=max_new_tokens,
-                  temperature=temperature, top_p=top_p, seed=seed, as_json=json_out)
+                  temperature=temperature, top_p=top_p, seed=seed, cache=cache, compile=compile,
+                  as_json=json_out)

@@ -74,3 +74,9 @@ TemperatureOpt = Annotated[
 ]
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+CacheOpt = Annotated[str, typer.Option(
+    "--cache", help="KV cache: dynamic (grows per step; finished rows leave the batch) or static (allocated once, "
+                    "fixed shapes; finished rows run on, masked). Same outputs.")]
+DecodeCompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the one-token decoding step (a CUDA graph on GPUs); needs --cache static. "
+                      "The first batch of each shape pays the compile time.")]

@@ -11,13 +11,14 @@ from gitcli.cli.common import console, print_out
 
 
 def run_and_print(images: list[Path], questions: list[str | None], *, checkpoint, preset, device, dtype,
-                  precision, batch_size, beams, max_new_tokens, temperature, top_p, seed, as_json) -> None:
+                  precision, batch_size, beams, max_new_tokens, temperature, top_p, seed, cache, compile,
+                  as_json) -> None:
     from gitcli.config import GenerationConfig
     from gitcli.data.images import expand_image_paths
     from gitcli.infer import RuntimeOptions, load_model, run_on_images
 
     gen = GenerationConfig(max_new_tokens=max_new_tokens, beams=beams, temperature=temperature,
-                           top_p=top_p, seed=seed)
+                           top_p=top_p, seed=seed, cache=cache, compile=compile)
     gen.validate()
     paths = expand_image_paths(images)
     if len(questions) == 1 and len(paths) > 1:

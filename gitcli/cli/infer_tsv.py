@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CheckpointOpt, DeviceOpt, DtypeOpt, MaxNewTokensOpt,
-                               PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt, console, user_errors)
+from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt,
+                               MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt, console,
+                               user_errors)
 
 
 @user_errors
@@ -23,6 +24,8 @@ def infer_tsv(
     max_new_tokens: MaxNewTokensOpt = 20,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
+    cache: CacheOpt = "dynamic",
+    compile: DecodeCompileOpt = False,
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -42,7 +45,8 @@ def infer_tsv(
     from gitcli.infer import RuntimeOptions, load_model
     from gitcli.infer_tsv import infer_tsv as run
 
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed,
+                           cache=cache, compile=compile)
     gen.validate()
     runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision,
                              batch_size=batch_size)

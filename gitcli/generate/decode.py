@@ -6,6 +6,20 @@ Greedy decoding is token-for-token what `transformers` `generate` gives on the s
 inputs; beam search follows its scoring (length penalty over generated tokens, the top
 `num_beams` of `2 * num_beams` candidates finish, early stop when no running beam can
 beat the worst kept hypothesis).
+
+Two ways to hold the cache (`GenerationConfig.cache`), same outputs:
+- "dynamic" (default): transformers' `DynamicCache`, grown by one position per step;
+  finished greedy rows and finished beam images leave the batch, so they cost nothing
+  more. Nothing to compile, no memory held after the call.
+- "static": one preallocated cache, mask and step inputs (`gitcli.generate.static`),
+  written in place; shapes never change, so the one-token step can be compiled into a
+  CUDA graph (`GenerationConfig.compile`). Finished rows are not dropped but keep
+  running to the end (their output is cut at EOS): dropping them would change the shape,
+  and a new shape is a new cache and a new graph. Captions end within a few tokens of
+  each other and a decode step is bound by reading the weights, not by its row count, so
+  the rows kept cost little next to what fixed shapes save; the batch still stops as
+  soon as every row has ended. (Sampling therefore draws for every row at every step:
+  once rows end early, its seeded draws differ from the dynamic path's.)
 """
 
 from __future__ import annotations
@@ -32,6 +46,15 @@ def _new_cache(lm):
     from transformers import DynamicCache
 
     return DynamicCache(config=lm.config)
+
+
+def _static_state(lm, prefill, rows: int, length: int, device, config: GenerationConfig):
+    """The LM's preallocated state for `rows` sequences of `length` positions, in the dtype
+    the prefill's keys came out in (autocast decides it, not the weights)."""
+    from gitcli.generate.static import static_state
+
+    dtype = prefill.layers[0].keys.dtype
+    return static_state(lm, rows, length, dtype, device, config.compile)
 
 
 def _step(lm, cache, mask, positions, *, embeds=None, ids=None):
@@ -65,6 +88,8 @@ def decode_tokens(lm, embeds, mask, positions, config: GenerationConfig, eos: in
     eos = -1 if eos is None else eos  # -1 is no token id, so nothing ever ends
     if config.beams > 1:
         return _beam_search(lm, embeds, mask, positions, config, eos)
+    if config.cache == "static":
+        return _greedy_or_sample_static(lm, embeds, mask, positions, config, eos)
     return _greedy_or_sample(lm, embeds, mask, positions, config, eos)
 
 
@@ -95,6 +120,34 @@ def _greedy_or_sample(lm, embeds, mask, positions, config: GenerationConfig, eos
     return [(_until_eos(row, eos), None) for row in outputs]
 
 
+def _greedy_or_sample_static(lm, embeds, mask, positions, config: GenerationConfig, eos: int):
+    """Greedy / sampling on the preallocated cache: every row runs until all have ended.
+
+    Tokens are collected on the device and read back once at the end; the only per-step
+    host sync is the all-ended check, skipped when nothing can end early (`eos=None`).
+    """
+    rows, device, max_new = embeds.shape[0], embeds.device, config.max_new_tokens
+    gen = torch.Generator(device=device).manual_seed(config.seed) if config.sampling else None
+    prefill = _new_cache(lm)
+    logits = _step(lm, prefill, mask, positions, embeds=embeds)
+    state = _static_state(lm, prefill, rows, mask.shape[1] + max_new - 1, device, config)
+    state.start(prefill, mask, positions)
+    del prefill  # its keys/values now live in the static cache
+    tokens = torch.zeros((rows, max_new), dtype=torch.long, device=device)
+    ended = torch.zeros(rows, dtype=torch.bool, device=device)
+    for step in range(max_new):
+        token = _pick(logits, config, gen)
+        tokens[:, step] = token
+        if step + 1 == max_new:
+            break
+        if eos >= 0:
+            ended |= token == eos
+            if bool(ended.all()):
+                break
+        logits = state.step(token)
+    return [(_until_eos(row, eos), None) for row in tokens[:, : step + 1].tolist()]
+
+
 def _pick(logits: torch.Tensor, config: GenerationConfig, gen) -> torch.Tensor:
     if not config.sampling:
         return logits.argmax(dim=-1)
@@ -117,12 +170,19 @@ def _beam_search(lm, embeds, mask, positions, config: GenerationConfig, eos: int
     nb, max_new, lp = config.beams, config.max_new_tokens, config.length_penalty
     k = 2 * nb  # candidates kept per step, so nb stay alive even if nb of them end
 
+    static = config.cache == "static"
+
     cache = _new_cache(lm)
     logits = _step(lm, cache, mask, positions, embeds=embeds)  # prefill once per image
-    cache.batch_repeat_interleave(nb)  # share the prefix's keys/values with each beam
     logits = logits.repeat_interleave(nb, dim=0)
-    mask = mask.repeat_interleave(nb, dim=0)
-    next_pos = positions[:, -1:].repeat_interleave(nb, dim=0) + 1
+    if static:  # the prefix's keys/values are copied to each beam's rows of the static cache
+        state = _static_state(lm, cache, batch * nb, mask.shape[1] + max_new - 1, device, config)
+        state.start(cache, mask, positions, repeat=nb)
+        cache = None
+    else:
+        cache.batch_repeat_interleave(nb)  # share the prefix's keys/values with each beam
+        mask = mask.repeat_interleave(nb, dim=0)
+        next_pos = positions[:, -1:].repeat_interleave(nb, dim=0) + 1
 
     run_seqs = torch.zeros((batch, nb, max_new), dtype=torch.long, device=device)
     run_scores = torch.full((batch, nb), NEG, device=device)
@@ -152,11 +212,15 @@ def _beam_search(lm, embeds, mask, positions, config: GenerationConfig, eos: int
         normed = torch.where(eligible, normed, torch.full_like(normed, NEG))
         all_scores = torch.cat([fin_scores, normed], dim=1)
         keep = all_scores.topk(nb, dim=-1).indices
-        fin_scores = torch.gather(all_scores, 1, keep)
-        fin_seqs = torch.gather(torch.cat([fin_seqs, cand], 1), 1, keep[:, :, None].expand(-1, -1, max_new))
+        # an image whose search ended keeps its hypotheses as they are (the static cache
+        # keeps such images in the batch; the dynamic one has dropped them already)
+        frozen = done[:, None]
+        fin_seqs = torch.where(frozen[:, :, None], fin_seqs,
+                               torch.gather(torch.cat([fin_seqs, cand], 1), 1, keep[:, :, None].expand(-1, -1, max_new)))
         new_lens = torch.full_like(token, step + 1)
-        fin_lens = torch.gather(torch.cat([fin_lens, new_lens], 1), 1, keep)
-        fin_filled = torch.gather(torch.cat([fin_filled, eligible], 1), 1, keep)
+        fin_lens = torch.where(frozen, fin_lens, torch.gather(torch.cat([fin_lens, new_lens], 1), 1, keep))
+        fin_filled = torch.where(frozen, fin_filled, torch.gather(torch.cat([fin_filled, eligible], 1), 1, keep))
+        fin_scores = torch.where(frozen, fin_scores, torch.gather(all_scores, 1, keep))
 
         # the best nb that did not end keep running
         alive_scores = top_scores + ends.float() * NEG
@@ -170,13 +234,22 @@ def _beam_search(lm, embeds, mask, positions, config: GenerationConfig, eos: int
         best_running = run_scores[:, 0] / float(step + 1) ** lp
         worst_kept = torch.where(fin_filled.all(dim=1), fin_scores.min(dim=1).values, torch.full_like(best_running, NEG))
         done |= fin_filled.all(dim=1) & (best_running <= worst_kept)
-        if bool(done.all()) or step + 1 == max_new:
+        if step + 1 == max_new:
+            break
+        if static:
+            # without an EOS nothing ends before the last step: no host sync needed
+            if eos >= 0 and bool(done.all()):
+                break
+            state.reorder((parent + offsets).flatten())  # in place, generated positions only
+            logits = state.step(next_token.flatten())
+            continue
+        if bool(done.all()):
             break
 
         rows = (parent + offsets)  # (B, nb): the cache row each surviving beam continues
         if bool(done.any()):  # a finished image leaves the batch: its result is final
-            for b in done.nonzero()[:, 0].tolist():
-                results[int(image[b])] = _best(fin_seqs[b], fin_lens[b], fin_scores[b], eos)
+            ended = done.nonzero()[:, 0]
+            _keep_best(results, image[ended], fin_seqs[ended], fin_lens[ended], fin_scores[ended], eos)
             keep = (~done).nonzero()[:, 0]
             rows, image = rows[keep], image[keep]
             run_seqs, run_scores, next_token = run_seqs[keep], run_scores[keep], next_token[keep]
@@ -191,12 +264,14 @@ def _beam_search(lm, embeds, mask, positions, config: GenerationConfig, eos: int
         logits = _step(lm, cache, mask, next_pos, ids=next_token.flatten()[:, None])
         next_pos = next_pos + 1
 
-    for b in range(batch):
-        results[int(image[b])] = _best(fin_seqs[b], fin_lens[b], fin_scores[b], eos)
+    _keep_best(results, image, fin_seqs, fin_lens, fin_scores, eos)
     return results
 
 
-def _best(seqs: torch.Tensor, lens: torch.Tensor, scores: torch.Tensor, eos: int):
-    """The top kept hypothesis of one image: (tokens without EOS, normalised score)."""
-    tokens = seqs[0, : int(lens[0])].tolist()
-    return _until_eos(tokens, eos), float(scores[0])
+def _keep_best(results: list, images: torch.Tensor, seqs: torch.Tensor, lens: torch.Tensor, scores: torch.Tensor,
+               eos: int) -> None:
+    """Store each image's top kept hypothesis in `results[image]` as (tokens without EOS,
+    normalised score); the (n, nb, T) hypotheses are read back in one transfer."""
+    rows = zip(images.tolist(), seqs[:, 0].tolist(), lens[:, 0].tolist(), scores[:, 0].tolist())
+    for image, tokens, length, score in rows:
+        results[image] = (_until_eos(tokens[:length], eos), score)
