@@ -253,6 +253,7 @@ class TrainConfig:
     max_nonfinite: int = 20  # consecutive non-finite losses before giving up
     cache_features: str | None = None  # directory of the frozen tower's precomputed features
     bucket_by_length: bool = False  # batches of similar text length (less padding)
+    compile: bool = False  # torch.compile the LM's forward (in place: checkpoints are unchanged)
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:

@@ -106,6 +106,32 @@ def test_resume_gives_the_same_losses(tmp_path):
     assert json.loads((run / "train_config.json").read_text())["model"]["preset"] == "tiny"
 
 
+def test_compile_goes_through_torch_compile_and_leaves_checkpoints_alone(tmp_path, monkeypatch):
+    """--compile: the LM's forward runs compiled (eager backend here: inductor needs minutes
+    on a CPU), the losses are the plain run's and the checkpoint holds the same tensors."""
+    compiled_calls = []
+    real_compile = torch.nn.Module.compile
+
+    def eager_compile(self, *args, **kwargs):
+        compiled_calls.append(type(self).__name__)
+        return real_compile(self, *args, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", eager_compile)
+    plain = train(tiny_model_config(), DATA, _run(tmp_path, "plain", max_steps=3), progress=False)
+    compiled = train(tiny_model_config(), DATA, _run(tmp_path, "compiled", max_steps=3, compile=True), progress=False)
+    assert compiled_calls == ["OPTForCausalLM"]
+    assert compiled.losses == pytest.approx(plain.losses, rel=1e-5)
+    from safetensors.torch import load_file
+
+    parts = sorted(str(p.relative_to(tmp_path / "plain" / "checkpoint-3"))
+                   for p in (tmp_path / "plain" / "checkpoint-3").rglob("*.safetensors"))
+    assert "lm/model.safetensors" in parts  # the tiny preset trains and saves its LM
+    for part in parts:
+        a = load_file(tmp_path / "plain" / "checkpoint-3" / part)
+        b = load_file(tmp_path / "compiled" / "checkpoint-3" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
 def test_existing_run_needs_resume(tmp_path):
     train(tiny_model_config(), DATA, _run(tmp_path, "r", max_steps=3), progress=False)
     with pytest.raises(GitcapError, match="--resume"):

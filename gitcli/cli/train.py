@@ -60,6 +60,7 @@ def train(
     num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="DataLoader worker processes.")] = 2,
     cache_features: Annotated[Optional[Path], typer.Option("--cache-features", help="Frozen tower: compute its features of every training image once into this directory (resumable, reused by later runs) and train from them.")] = None,
     bucket_by_length: Annotated[bool, typer.Option("--bucket-by-length", help="Batch samples of similar text length together (less padding), in random order.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the language model's forward (for GPUs; the first steps are slower while it compiles, once per new text length).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its latest checkpoint.")] = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -101,7 +102,7 @@ def train(
         precision=precision, save_every=save_every, keep_last=keep_last, log_every=log_every, val_data=val_data,
         val_samples=val_samples, resume=resume, init_from=str(init_from) if init_from else None, zero=zero,
         offload=offload, deepspeed_config=str(deepspeed_config) if deepspeed_config else None, report_to=report_to,
-        cache_features=opt(cache_features), bucket_by_length=bucket_by_length)
+        cache_features=opt(cache_features), bucket_by_length=bucket_by_length, compile=compile)
     if dry_run:
         from gitcli.cli.dry_run import print_dry_run
 

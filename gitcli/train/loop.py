@@ -179,6 +179,9 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     train_module: torch.nn.Module = model
     engine = None
     model.train()
+    if cfg.compile:
+        # In place (nn.Module.compile): parameter names, and so checkpoints, stay as they are.
+        model.lm.compile()
     if stage is None:
         optimizer = _optimizer(model, cfg, device)
         if world > 1:
