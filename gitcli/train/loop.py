@@ -283,23 +283,27 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
             while step < total_steps and (stop_after is None or len(result.losses) < stop_after):
                 sampler.set_position(epoch, micro_done * cfg.batch_size)
                 collate = Collator(model.tokenizer.pad_token_id, image_key)
+                # Pinned batches copy to the GPU asynchronously (non_blocking below), so the
+                # copy of the next batch overlaps the kernels still running.
+                pin = device.type == "cuda"
                 if isinstance(sampler, BucketBatchSampler):
                     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=data_cfg.num_workers,
-                                        collate_fn=collate, persistent_workers=False)
+                                        collate_fn=collate, persistent_workers=False, pin_memory=pin)
                 else:
                     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
                                         num_workers=data_cfg.num_workers, collate_fn=collate,
-                                        drop_last=True, persistent_workers=False)
+                                        drop_last=True, persistent_workers=False, pin_memory=pin)
                 group_losses, bad = [], False
                 for batch in loader:
                     micro_done += 1
                     result.skipped_images += batch["skipped"]
                     if batch["size"] > 0:
                         with autocast(precision, device) if engine is None else contextlib.nullcontext():
-                            image = batch[image_key].to(device)  # pixels, or the tower's cached features
+                            image = batch[image_key].to(device, non_blocking=True)  # pixels, or cached features
                             live = image_key == "pixel_values"
-                            loss, _ = train_module(image if live else None, batch["input_ids"].to(device),
-                                                   batch["attention_mask"].to(device), batch["labels"].to(device),
+                            ids, mask, labels = (batch[k].to(device, non_blocking=True)
+                                                 for k in ("input_ids", "attention_mask", "labels"))
+                            loss, _ = train_module(image if live else None, ids, mask, labels,
                                                    features=None if live else image)
                         bad |= not bool(torch.isfinite(loss))
                         if not bad and engine is not None:
