@@ -181,3 +181,20 @@ def test_generate_decoding_options_are_checked(tmp_path):
         assert result.exit_code != 0 and "Traceback" not in result.output
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], result.output
+
+
+@pytest.mark.parametrize("kind", ["train", "generate"])
+def test_profile_shows_where_an_iteration_goes(tmp_path, kind):
+    extra = ["--max-new-tokens", "3", "--beams", "2"] if kind == "generate" else ["--caption-tokens", "4"]
+    report, output = _bench(tmp_path, kind, "--preset", "tiny", *extra, "--profile")
+    prof = report["result"]["profile"]
+    assert prof["wall_ms"] > 0 and prof["busy_ms"] > 0
+    ops = prof["operators"]
+    assert 0 < len(ops) <= 20 and any(op["name"].startswith("aten::") for op in ops)
+    costs = [op["self_cpu_ms"] for op in ops]  # a CPU run ranks by CPU time
+    assert costs == sorted(costs, reverse=True) and costs[0] > 0
+    assert all(op["calls_per_iteration"] > 0 for op in ops)
+    assert "where an iteration's time goes" in output and ops[0]["name"][:30] in output
+    # without --profile nothing is profiled
+    plain, _ = _bench(tmp_path, kind, "--preset", "tiny", *extra)
+    assert plain["result"]["profile"] is None

@@ -6,7 +6,9 @@
 # inputs (rows hf-*): gitcap's dynamic cache (generate-*), the static cache (static-*) and
 # the static cache with the one-token step compiled into a CUDA graph (compiled-*); the
 # summary prints each against its hf-* row. The rows that matter most come first: a step
-# that would start after the budget is spent is skipped.
+# that would start after the budget is spent is skipped. train-A and the beam-3 batch-256
+# rows also run `--profile`: the log shows how much of an iteration the GPU was busy and
+# which operators took the time.
 #
 # Before the run, on the machine with the package index (see /work/shared/bench/README.md):
 #   echo /.whl/ >> .git/info/exclude; echo /.bench/ >> .git/info/exclude
@@ -67,7 +69,7 @@ HF=(--decoder transformers)
 
 # row A: vision trained, batch 32 — baseline (fp32 LM, fp16 autocast + GradScaler) vs gitcap
 step baseline-A 150 "$PY" "$BASELINE" "${BASE[@]}" --batch 32
-gstep train-A 100 train --train-vision --batch-size 32 --caption-tokens 20 --steps 20 --warmup 5
+gstep train-A 100 train --train-vision --batch-size 32 --caption-tokens 20 --steps 20 --warmup 5 --profile
 # the compiled (CUDA graph) decoder gives the dynamic decoder's tokens on this GPU: without
 # that its speed means nothing (tiny model, fp32; skipped where pytest is missing)
 if "$PY" -c "import pytest" 2>/dev/null; then
@@ -77,8 +79,8 @@ fi
 # reference of the decoding targets) and gitcap's three ways. A compiled row spends its
 # first (warm-up) decode compiling: its limit is the longest.
 gstep hf-beam3-b256 60 "${BEAM3[@]}" "${HF[@]}" --batch-size ${BIG[0]} --steps 3 --warmup 1
-gstep generate-beam3-b256 60 "${BEAM3[@]}" --batch-size ${BIG[0]} --steps 3 --warmup 1
-gstep compiled-beam3-b256 180 "${BEAM3[@]}" "${COMPILED[@]}" --batch-size ${BIG[0]} --steps 3 --warmup 1
+gstep generate-beam3-b256 60 "${BEAM3[@]}" --batch-size ${BIG[0]} --steps 3 --warmup 1 --profile
+gstep compiled-beam3-b256 180 "${BEAM3[@]}" "${COMPILED[@]}" --batch-size ${BIG[0]} --steps 3 --warmup 1 --profile
 # row B: vision frozen, the tower still runs every step (no feature cache)
 step baseline-B 120 "$PY" "$BASELINE" "${BASE[@]}" --batch 32 --freeze-vision --lm-dtype fp16
 gstep train-B 90 train --batch-size 32 --caption-tokens 20 --steps 20 --warmup 5

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from gitcli.bench.flops import device_peak, generate_flops_per_image, lm_params, prefix_forward_flops
-from gitcli.bench.measure import PeakMemory, time_iterations
+from gitcli.bench.measure import PeakMemory, profile_iterations, time_iterations
 from gitcli.bench.result import BenchResult, summarise
 from gitcli.bench.workload import BenchConfig, build_bench_model, random_batch
 from gitcli.config import GenerationConfig
@@ -58,13 +58,16 @@ def run_generate_bench(cfg: BenchConfig) -> BenchResult:
                                f"{cfg.max_new_tokens}: the workload would not be the one measured")
 
     times = time_iterations(decode, warmup=cfg.warmup, steps=cfg.steps, device=device, after_warmup=memory.reset)
+    peak = memory.peak_bytes()  # read before profiling: the profiler allocates too
+    profile = profile_iterations(decode, steps=2, device=device) if cfg.profile else None
     total = sum(p.numel() for p in captioner.parameters())
     return summarise(
+        profile=profile,
         kind="generate", unit="images", batch=cfg.batch_size, times=times, tokens_per_item=cfg.max_new_tokens,
         flops_per_item=flops, peak_flops=device_peak(device, precision, cfg.peak_tflops),
         flops_parts={"vision_forward": vision_flops, "mapping_forward": mapping_flops,
                      "lm_body_parameters": params.body, "lm_head_parameters": params.head},
-        peak_memory_bytes=memory.peak_bytes(), memory_estimate_bytes=None,
+        peak_memory_bytes=peak, memory_estimate_bytes=None,
         trainable_parameters=0, frozen_parameters=total,
         prefix_length=captioner.prefix_length, precision=precision, device=str(device))
 

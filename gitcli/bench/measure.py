@@ -38,6 +38,38 @@ def time_iterations(fn: Callable[[], object], *, warmup: int, steps: int, device
     return times
 
 
+def profile_iterations(fn: Callable[[], object], *, steps: int, device: torch.device, top: int = 20) -> dict:
+    """Where the time of `steps` more calls of `fn` goes, per call of `fn`:
+    `wall_ms`; `busy_ms`, the summed self time of all operators on the GPU (on the CPU
+    where there is no GPU), so `wall_ms - busy_ms` is time the GPU waited on Python,
+    launches or data; and `operators`, torch.profiler's per-operator totals, most
+    expensive first.
+
+    Run after the timed calls, so the profiler's own overhead never enters the timings
+    (it does inflate `wall_ms` a little).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        wall = time.perf_counter() - start
+    rows = []
+    for event in prof.key_averages():
+        # self_device_time_total / self_cpu_time_total are in microseconds
+        device_us = getattr(event, "self_device_time_total", 0.0) if on_gpu else 0.0
+        rows.append({"name": event.key, "calls_per_iteration": event.count / steps,
+                     "self_device_ms": device_us / 1e3 / steps,
+                     "self_cpu_ms": event.self_cpu_time_total / 1e3 / steps})
+    key = "self_device_ms" if on_gpu else "self_cpu_ms"
+    rows.sort(key=lambda r: r[key], reverse=True)
+    return {"wall_ms": wall * 1e3 / steps, "busy_ms": sum(r[key] for r in rows), "operators": rows[:top]}
+
+
 def median(times: list[float]) -> float:
     return statistics.median(times)
 

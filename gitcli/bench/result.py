@@ -31,6 +31,7 @@ class BenchResult:
     precision: str
     device: str
     last_loss: float | None = None  # training: the last step's loss, a sanity check
+    profile: dict | None = None  # --profile: wall and busy ms per iteration, the costliest operators
 
     def to_dict(self) -> dict:
         return asdict(self)

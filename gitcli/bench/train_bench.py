@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from gitcli.bench.flops import device_peak, lm_params, prefix_forward_flops, train_flops_per_sample
-from gitcli.bench.measure import PeakMemory, time_iterations
+from gitcli.bench.measure import PeakMemory, profile_iterations, time_iterations
 from gitcli.bench.result import BenchResult, summarise
 from gitcli.bench.workload import BenchConfig, build_bench_model, random_batch
 from gitcli.dist import autocast, resolve_device, resolve_precision
@@ -69,16 +69,19 @@ def run_train_bench(cfg: BenchConfig, estimate_memory: MemoryEstimator | None = 
         losses.append(loss.detach())
 
     times = time_iterations(step, warmup=cfg.warmup, steps=cfg.steps, device=device, after_warmup=memory.reset)
+    peak = memory.peak_bytes()  # read before profiling: the profiler allocates too
+    profile = profile_iterations(step, steps=2, device=device) if cfg.profile else None
     last_loss = float(losses[-1])
     if not torch.isfinite(torch.tensor(last_loss)):
         raise RuntimeError(f"the benchmark's training loss is not finite ({last_loss})")
     n_trainable = sum(p.numel() for p in trainable)
     return summarise(
+        profile=profile,
         kind="train", unit="samples", batch=batch, times=times, tokens_per_item=tokens, flops_per_item=flops,
         peak_flops=device_peak(device, precision, cfg.peak_tflops),
         flops_parts={"vision_forward": vision_flops, "mapping_forward": mapping_flops,
                      "lm_body_parameters": params.body, "lm_head_parameters": params.head},
-        peak_memory_bytes=memory.peak_bytes(),
+        peak_memory_bytes=peak,
         memory_estimate_bytes=estimate_memory(captioner, precision, cfg.cached_features) if estimate_memory else None,
         trainable_parameters=n_trainable,
         frozen_parameters=sum(p.numel() for p in captioner.parameters()) - n_trainable,

@@ -31,6 +31,7 @@ class BenchConfig:
     # the reference the decoder's speed is judged against, timed in the same run)
     decoder: str = "gitcap"
     peak_tflops: float | None = None  # the device's peak, when gitcap's table lacks it
+    profile: bool = False  # after timing, profile two more iterations by operator
     seed: int = 0
 
     def validate(self) -> None:

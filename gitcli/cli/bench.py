@@ -28,6 +28,7 @@ WarmupOpt = Annotated[int, typer.Option("--warmup", min=0, help="Untimed iterati
 LmLayersOpt = Annotated[Optional[int], typer.Option("--lm-layers", min=1, help="Shrink the named LM to this many layers (sizing, quick checks).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the LM.")]
 PeakOpt = Annotated[Optional[float], typer.Option("--peak-tflops", min=0.0, help="The device's peak TFLOP/s for MFU when gitcap's table (H100, H200, A100 bf16) does not know it.")]
+ProfileOpt = Annotated[bool, typer.Option("--profile", help="After timing, profile two more iterations and show the most expensive operators (GPU time on GPUs).")]
 JsonFileOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write every number, the options, versions, device and date to this JSON file.")]
 
 
@@ -79,6 +80,7 @@ def train(
     peak_tflops: PeakOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
+    profile: ProfileOpt = False,
     json_file: JsonFileOpt = None,
 ) -> None:
     """Training steps per second of the model these options build (forward, backward, AdamW).
@@ -104,7 +106,7 @@ def train(
                         int8=int8, dtype=dtype, train_vision=train_vision, lora=lora, train_lm=train_lm,
                         device=device, precision=precision, batch_size=batch_size, steps=steps, warmup=warmup,
                         caption_tokens=caption_tokens, lm_layers=lm_layers, compile=compile,
-                        peak_tflops=peak_tflops, seed=seed, cached_features=cached_features)
+                        peak_tflops=peak_tflops, seed=seed, cached_features=cached_features, profile=profile)
     with console.status("building the model and timing training steps"):
         result = run_train_bench(cfg, estimate_memory=_train_estimator(batch_size, caption_tokens))
     _report("bench train", cfg, result, json_file)
@@ -136,6 +138,7 @@ def generate(
     peak_tflops: PeakOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
+    profile: ProfileOpt = False,
     json_file: JsonFileOpt = None,
 ) -> None:
     """Images per second decoded by gitcap's batched greedy / beam search with a KV cache.
@@ -163,7 +166,7 @@ def generate(
                         int8=int8, dtype=dtype, train_vision=False, lora=0, train_lm=False, device=device,
                         precision=precision, batch_size=batch_size, steps=steps, warmup=warmup, beams=beams,
                         max_new_tokens=max_new_tokens, lm_layers=lm_layers, compile=compile, cache=cache,
-                        decoder=decoder, peak_tflops=peak_tflops, seed=seed)
+                        decoder=decoder, peak_tflops=peak_tflops, seed=seed, profile=profile)
     with console.status("building the model and timing decoding"):
         result = run_generate_bench(cfg)
     _report("bench generate", cfg, result, json_file)
@@ -205,7 +208,23 @@ def _report(command: str, cfg, result, json_file: Path | None) -> None:
         table.add_row("parameters", f"{result.frozen_parameters:,}")
     table.add_row("prefix tokens", str(result.prefix_length))
     table.add_row("device, precision", f"{result.device}, {result.precision}")
-    Console(highlight=False).print(table)  # results to stdout, messages to stderr
+    out = Console(highlight=False)  # results to stdout, messages to stderr
+    out.print(table)
+    if result.profile:
+        on_gpu = result.device.startswith("cuda")
+        prof = result.profile
+        where = "the GPU" if on_gpu else "the CPU"
+        ops = Table(title=f"where an iteration's time goes: {prof['wall_ms']:.1f} ms, of which operators keep {where} "
+                          f"busy {prof['busy_ms']:.1f} ms; the costliest (self time, ms per iteration)")
+        for column in ("operator", "calls", "GPU ms" if on_gpu else "CPU ms", "CPU ms" if on_gpu else ""):
+            if column:
+                ops.add_column(column, justify="left" if column == "operator" else "right")
+        for row in prof["operators"][:15]:
+            cells = [row["name"][:60], f"{row['calls_per_iteration']:g}"]
+            cells += ([f"{row['self_device_ms']:.2f}", f"{row['self_cpu_ms']:.2f}"] if on_gpu
+                      else [f"{row['self_cpu_ms']:.2f}"])
+            ops.add_row(*cells)
+        out.print(ops)
     if json_file is not None:
         write_json(json_file, report(command, cfg, result))
         console.print(f"wrote {json_file}")
