@@ -21,6 +21,7 @@ from gitcli.data.datasets import ImageDataset, Record
 from gitcli.data.features import FeatureReader, FeatureStore, source_digest, unique_images
 from gitcli.dist import autocast, barrier, is_main_process
 from gitcli.errors import GitcapError
+from gitcli.train.progress import ProgressBar
 
 TRAINED_TOWER = ("--cache-features needs a frozen vision tower, and this run trains it (--train-vision, or the "
                  "tiny preset, which trains everything): cached features would go stale")
@@ -134,30 +135,14 @@ def _fill(model, store: FeatureStore, chunks: list[int], dataset: ImageDataset, 
         raise GitcapError(f"feature cache {store.root}: chunk {current} was left incomplete")
 
 
-class _CacheBar:
-    """Rich progress of the caching pass: images, images/s, ETA (rank 0's share under DDP)."""
+class _CacheBar(ProgressBar):
+    """Progress of the caching pass: images, images/s, time left (rank 0's share under DDP)."""
 
     def __init__(self, total: int, world: int, enabled: bool) -> None:
-        self.enabled, self.done, self.start = enabled, 0, time.perf_counter()
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            label = "cache features" + (f" (rank 0 of {world})" if world > 1 else "")
-            self.progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
-            self.task = self.progress.add_task("cache", total=total, info="")
-
-    def __enter__(self):
-        if self.enabled:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
+        super().__init__("cache features" + (f" (rank 0 of {world})" if world > 1 else ""), total, enabled)
+        self.done, self.start = 0, time.perf_counter()
 
     def advance(self, n: int) -> None:
         self.done += n
-        if self.enabled:
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            self.progress.update(self.task, completed=self.done, info=f"{rate:.0f} images/s")
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        self.show(self.done, f"{rate:.0f} images/s")

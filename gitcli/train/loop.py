@@ -35,6 +35,7 @@ from gitcli.model.checkpoint import (LATEST_FILE, load_checkpoint, resolve_check
 from gitcli.train import zero as ds
 from gitcli.train.deepspeed_config import build_config, check_combination, offloads, zero_stage
 from gitcli.train.features import build_feature_cache, check_cache_features
+from gitcli.train.progress import ProgressBar
 from gitcli.train.report import Reporter, check_available
 from gitcli.train.schedule import lr_factor
 from gitcli.train.state import load_state, rng_state, save_state, set_rng_state
@@ -412,29 +413,12 @@ def _gather_rng(world: int) -> list[dict]:
     return states
 
 
-class _Bar:
-    """Rich progress: step, loss, lr, samples/s, ETA."""
+class _Bar(ProgressBar):
+    """Training progress: step, loss, lr, samples/s, time left."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self.enabled, self.total = enabled, total
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(), transient=False)
-            self.task = self.progress.add_task("train", total=total, info="")
-
-    def __enter__(self):
-        if self.enabled:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
+        super().__init__("train", total, enabled)
 
     def update(self, step: int, loss: float | None, lr: float, rate: float) -> None:
-        if self.enabled:
-            info = f"loss {loss:.3f}  lr {lr:.2e}  {rate:.0f} samples/s" if loss is not None and math.isfinite(loss) else ""
-            self.progress.update(self.task, completed=step, info=info)
+        info = f"loss {loss:.3f}  lr {lr:.2e}  {rate:.0f} samples/s" if loss is not None and math.isfinite(loss) else ""
+        self.show(step, info)
