@@ -13,7 +13,9 @@ import pytest
 def pytest_configure(config):
     # What gitcap builds once per machine (METEOR's paraphrase index) is built once per
     # checkout for the tests, shared by the xdist workers, and kept between runs.
-    os.environ.setdefault("GITCAP_CACHE_DIR", str(config.cache.mkdir("gitcap-cache")))
+    # (`-p no:cacheprovider` has no such folder: the user's cache is used then.)
+    if getattr(config, "cache", None) is not None:
+        os.environ.setdefault("GITCAP_CACHE_DIR", str(config.cache.mkdir("gitcap-cache")))
     # pytest-xdist runs one test process per core; one intra-op thread each avoids
     # oversubscribing the cores (OpenMP spin-waits make that several times slower).
     import torch
