@@ -168,7 +168,7 @@ def evaluate_captions(
             # scorers' (so one jar on a 2-core machine).
             from gitcli.evaluate.paraphrase import index_ready
 
-            step("METEOR" if index_ready() else "METEOR (indexing its paraphrase table, once per machine: ~30 s)")
+            step("METEOR" if index_ready() else "METEOR (indexing its paraphrase table, once per machine: 15-30 s)")
             hypotheses, refs = [res[k][0] for k in keys], [gts[k] for k in keys]
             meteor = MeteorScorer(jars_for(len(keys), free_cores=workers - 2), hypotheses, refs)
             raw["METEOR"] = meteor.score(hypotheses, refs)

@@ -16,7 +16,7 @@ METEOR's `Normalizer` (the jar's own class, run as a program; lines made only of
 lowercase ASCII letters, digits and spaces, which it leaves as they are, skip that
 step) and lowercased. Tokens become n-grams of up to the table's longest phrase.
 
-The table is indexed once per machine (about 15 seconds) into gitcap's cache:
+The table is indexed once per machine (15-30 seconds, 135 MB) into gitcap's cache:
 the distinct phrases sorted by a 64-bit code computed from their word ids, and each
 entry as a pair of phrase ids. A corpus's n-grams get the same codes, so finding the
 phrases it holds is a binary search per n-gram. Two phrases sharing a code can only
