@@ -61,7 +61,8 @@ def profile_iterations(fn: Callable[[], object], *, steps: int, device: torch.de
     rows = []
     for event in prof.key_averages():
         # self_device_time_total / self_cpu_time_total are in microseconds
-        device_us = getattr(event, "self_device_time_total", 0.0) if on_gpu else 0.0
+        # (called self_cuda_time_total before torch 2.4)
+        device_us = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)) if on_gpu else 0.0
         rows.append({"name": event.key, "calls_per_iteration": event.count / steps,
                      "self_device_ms": device_us / 1e3 / steps,
                      "self_cpu_ms": event.self_cpu_time_total / 1e3 / steps})
