@@ -216,9 +216,9 @@ def _report(command: str, cfg, result, json_file: Path | None) -> None:
         where = "the GPU" if on_gpu else "the CPU"
         ops = Table(title=f"where an iteration's time goes: {prof['wall_ms']:.1f} ms, of which operators keep {where} "
                           f"busy {prof['busy_ms']:.1f} ms; the costliest (self time, ms per iteration)")
-        for column in ("operator", "calls", "GPU ms" if on_gpu else "CPU ms", "CPU ms" if on_gpu else ""):
-            if column:
-                ops.add_column(column, justify="left" if column == "operator" else "right")
+        ops.add_column("operator")
+        for column in ["calls", *(["GPU ms", "CPU ms"] if on_gpu else ["CPU ms"])]:
+            ops.add_column(column, justify="right")
         for row in prof["operators"][:15]:
             cells = [row["name"][:60], f"{row['calls_per_iteration']:g}"]
             cells += ([f"{row['self_device_ms']:.2f}", f"{row['self_cpu_ms']:.2f}"] if on_gpu
