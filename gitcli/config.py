@@ -182,11 +182,10 @@ def from_dict(cls: type, data: dict[str, Any], *, what: str = "config") -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Write JSON atomically and durably: a reader sees the old file or the new one, never half."""
+    from gitcli.formats.atomic import write_json as write_json_atomic
+
+    write_json_atomic(path, data)
 
 
 def read_json(path: Path, *, what: str | None = None) -> Any:

@@ -52,7 +52,7 @@ def check_dataset(out: Path, n_rows: int, shard_size: int = 4) -> None:
         assert stats["ok"] == len(keys)
         assert sum(stats["outcomes"].values()) == stats["rows"]
         overall_ok += stats["ok"]
-    assert not list(out.glob("*.partial"))
+    assert not list(out.glob(".*.tmp-*"))
     overall = json.loads((out / "stats.json").read_text())
     assert overall["rows"] == n_rows and overall["ok"] == overall_ok
 

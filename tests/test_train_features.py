@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from gitcli.config import DataConfig, TrainConfig
 from gitcli.data.datasets import CachedFeatureDataset, Collator, RecordDataset
 from gitcli.data.features import FeatureStore
+from gitcli.formats.atomic import temporary_path
 from gitcli.data.sources import SyntheticImages, synthetic_records
 from gitcli.errors import GitcapError
 from gitcli.model.captioner import build_captioner
@@ -96,7 +97,7 @@ def test_an_interrupted_cache_continues_where_it_stopped(vocab, tmp_path, monkey
     def dies_after_one(self, k, features, ok):
         if written:
             # the kill lands mid-write: a temporary file is left, the chunk is not published
-            self.chunk_path(k).with_name(f".{self.chunk_path(k).name}.tmp").write_bytes(b"half a chunk")
+            temporary_path(self.chunk_path(k)).write_bytes(b"half a chunk")
             raise KeyboardInterrupt
         real(self, k, features, ok)
         written.append(k)
@@ -109,7 +110,7 @@ def test_an_interrupted_cache_continues_where_it_stopped(vocab, tmp_path, monkey
     tower_calls.clear()
     resumed, _ = _cache(_frozen(vocab), tmp_path / "f")
     assert sum(tower_calls) == 10 - CHUNK  # only the missing chunks were computed
-    assert not list((tmp_path / "f").glob(".*.tmp"))
+    assert not list((tmp_path / "f").glob(".*.tmp-*"))
     whole, _ = _cache(_frozen(vocab), tmp_path / "whole")
     for i in range(10):
         assert torch.equal(resumed[i], whole[i])

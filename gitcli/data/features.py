@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import torch
 
 from gitcli.config import read_json, write_json
 from gitcli.errors import GitcapError
+from gitcli.formats.atomic import TMP_MARK, publish_file, temporary_path
 
 FORMAT = "gitcap-features"
 FORMAT_VERSION = 1
@@ -161,15 +161,13 @@ class FeatureStore:
         tensors = {"features": features.to(STORE_DTYPE).cpu().contiguous(),
                    "ok": ok.to(torch.uint8).cpu().contiguous()}
         path = self.chunk_path(k)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = temporary_path(path)
         save_file(tensors, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())  # the rename must not publish a file whose data is still in flight
-        tmp.replace(path)
+        publish_file(tmp, path)  # fsynced first: the rename never publishes data still in flight
 
     def clean_temporary(self) -> None:
         """Drop half-written chunks an interrupted pass left behind."""
-        for tmp in self.root.glob(".chunk-*.tmp"):
+        for tmp in self.root.glob(f".chunk-*{TMP_MARK}*"):
             tmp.unlink(missing_ok=True)
 
     def reader(self) -> FeatureReader:

@@ -12,6 +12,7 @@ from gitcli import __version__
 from gitcli.fetch import outcomes
 from gitcli.fetch.config import FetchConfig
 from gitcli.fetch.plan import ShardPlan
+from gitcli.formats.atomic import TMP_MARK
 from gitcli.formats.shards import (
     FilesShardWriter,
     TarShardWriter,
@@ -30,12 +31,12 @@ def remove_stale_partials(cfg: FetchConfig, shard_id: int) -> None:
     """Temporary files a killed run left for this shard. Only this shard's: with --part,
     other machines may be writing other shards into the same folder right now."""
     name = shard_name(shard_id)
-    for path in cfg.out.glob(f"{name}*.partial"):
+    for path in cfg.out.glob(f".{name}*{TMP_MARK}*"):
         path.unlink(missing_ok=True)
     if cfg.output_format == "files":
         first = shard_id * cfg.shard_size
-        for path in cfg.out.glob("*.jpg.*.partial"):
-            stem = path.name.split(".")[0]
+        for path in cfg.out.glob(f".*.jpg{TMP_MARK}*"):
+            stem = path.name[1:].split(".")[0]
             if stem.isdigit() and first <= int(stem) < first + cfg.shard_size:
                 path.unlink(missing_ok=True)
 

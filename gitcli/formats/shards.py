@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 
 from gitcli.config import write_json
 from gitcli.errors import GitcapError
+from gitcli.formats.atomic import atomic_file, fsync_dir, fsync_file, publish_file, temporary_path
 
 SHARD_DIGITS = 5
 KEY_DIGITS = 9
@@ -70,12 +71,6 @@ class Sample:
 
 
 # ---- writing --------------------------------------------------------------------------
-def _tmp(path: Path) -> Path:
-    # pid in the name: two writers (two --part runs pointed at one folder by mistake)
-    # never write into the same temporary file
-    return path.with_name(f"{path.name}.{os.getpid()}.partial")
-
-
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -90,7 +85,7 @@ class TarShardWriter:
 
     def __init__(self, folder: Path, shard_id: int):
         self.final = tar_path(folder, shard_id)
-        self.tmp = _tmp(self.final)
+        self.tmp = temporary_path(self.final)
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         self._now = time.time()
         self.count = 0
@@ -107,7 +102,7 @@ class TarShardWriter:
 
     def commit(self) -> None:
         self._tar.close()
-        os.replace(self.tmp, self.final)
+        publish_file(self.tmp, self.final)
 
     def abort(self) -> None:
         self._tar.close()
@@ -120,28 +115,30 @@ class FilesShardWriter:
     def __init__(self, folder: Path, shard_id: int):
         self.folder = Path(folder)
         self.count = 0
+        self._written: list[Path] = []
 
     def add(self, key: str, jpeg: bytes, caption: str, meta: dict[str, Any]) -> None:
+        # renamed into place now, made durable together at commit (one fsync pass per shard)
         path = self.folder / image_file_name(int(key))
-        tmp = _tmp(path)
+        tmp = temporary_path(path)
         tmp.write_bytes(jpeg)
         os.replace(tmp, path)
+        self._written.append(path)
         self.count += 1
 
     def commit(self) -> None:
-        pass
+        for path in self._written:
+            fsync_file(path)
+        fsync_dir(self.folder)
 
     def abort(self) -> None:
         pass
 
 
 def write_status(folder: Path, shard_id: int, lines: Iterable[dict[str, Any]]) -> None:
-    path = status_path(folder, shard_id)
-    tmp = _tmp(path)
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(status_path(folder, shard_id), "w") as f:
         for line in sorted(lines, key=lambda d: d["key"]):
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def write_stats(folder: Path, shard_id: int, stats: dict[str, Any]) -> None:

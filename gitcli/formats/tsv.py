@@ -17,12 +17,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from gitcli.errors import GitcapError
+from gitcli.formats.atomic import atomic_file, write_bytes
 
 
 def lineidx_path(path: Path) -> Path:
@@ -71,20 +71,14 @@ def parse_json_cell(cell: str, *, where: str) -> Any:
 def write_tsv(path: Path, rows: Iterable[Sequence[str]], *, index: bool = True) -> int:
     """Write rows atomically (and both line indexes); returns the number of rows."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     offsets: list[int] = []
     pos = 0
-    try:
-        with open(tmp, "wb") as f:
-            for n, row in enumerate(rows):
-                line = ("\t".join(_check_cell(c, path, n) for c in row) + "\n").encode("utf-8")
-                offsets.append(pos)
-                f.write(line)
-                pos += len(line)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:
+        for n, row in enumerate(rows):
+            line = ("\t".join(_check_cell(c, path, n) for c in row) + "\n").encode("utf-8")
+            offsets.append(pos)
+            f.write(line)
+            pos += len(line)
     if index:
         write_lineidx(path, offsets)
     return len(offsets)
@@ -96,9 +90,7 @@ def write_lineidx(path: Path, offsets: Sequence[int]) -> None:
         (lineidx_path(path), "".join(f"{o}\n" for o in offsets).encode("ascii")),
         (lineidx8b_path(path), struct.pack(f"<{len(offsets)}q", *offsets)),
     ):
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        write_bytes(target, data)
 
 
 # ---- indexes -------------------------------------------------------------------------

@@ -9,9 +9,6 @@ A training output directory holds `checkpoint-STEP/` and a `latest` pointer file
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from gitcli import __version__
 from gitcli.config import ModelConfig, from_dict, read_json, to_dict, write_json
 from gitcli.errors import GitcapError
+from gitcli.formats.atomic import atomic_dir, write_text
 from gitcli.model.captioner import Captioner, build_captioner
 
 FORMAT = "gitcap-checkpoint"
@@ -84,23 +82,10 @@ def save_checkpoint(captioner: Captioner, directory: str | Path, extra: dict | N
     """
     _quiet_transformers()
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:  # every file fsynced before the rename publishes it
         if also_write is not None:
             also_write(tmp)
         _write(captioner, tmp, extra or {})
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -123,14 +108,6 @@ def _write(captioner: Captioner, out: Path, extra: dict) -> None:
             "model": to_dict(config)}
     meta.update(extra)
     write_json(out / CONFIG_FILE, meta)  # last: its presence marks a complete checkpoint
-    _fsync_dir(out)
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def read_checkpoint_config(path: str | Path) -> tuple[Path, ModelConfig, dict]:
@@ -190,7 +167,4 @@ def _strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], what: 
 
 def write_latest(run_dir: str | Path, checkpoint_name: str) -> None:
     """Point `run_dir/latest` at a checkpoint directory, atomically."""
-    latest = Path(run_dir) / LATEST_FILE
-    tmp = latest.with_name(LATEST_FILE + ".tmp")
-    tmp.write_text(checkpoint_name + "\n", encoding="utf-8")
-    tmp.replace(latest)
+    write_text(Path(run_dir) / LATEST_FILE, checkpoint_name + "\n")

@@ -21,7 +21,7 @@ from gitcli.data.datasets import ImageDataset, Record
 from gitcli.data.features import FeatureReader, FeatureStore, source_digest, unique_images
 from gitcli.dist import autocast, barrier, is_main_process
 from gitcli.errors import GitcapError
-from gitcli.train.progress import ProgressBar
+from gitcli.progress import ProgressBar
 
 TRAINED_TOWER = ("--cache-features needs a frozen vision tower, and this run trains it (--train-vision, or the "
                  "tiny preset, which trains everything): cached features would go stale")
@@ -139,10 +139,11 @@ class _CacheBar(ProgressBar):
     """Progress of the caching pass: images, images/s, time left (rank 0's share under DDP)."""
 
     def __init__(self, total: int, world: int, enabled: bool) -> None:
-        super().__init__("cache features" + (f" (rank 0 of {world})" if world > 1 else ""), total, enabled)
-        self.done, self.start = 0, time.perf_counter()
+        super().__init__("cache features" + (f" (rank 0 of {world})" if world > 1 else ""), total, unit="images",
+                         enabled=enabled)
+        self.start = time.perf_counter()
 
-    def advance(self, n: int) -> None:
-        self.done += n
-        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        self.show(self.done, f"{rate:.0f} images/s")
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        done = self.completed + n
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        self.show(done, f"{rate:.0f} images/s")

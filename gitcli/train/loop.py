@@ -29,13 +29,14 @@ from gitcli.data.sources import build_source
 from gitcli.dist import (all_reduce_mean, autocast, barrier, init_distributed, is_main_process, resolve_device,
                          resolve_precision)
 from gitcli.errors import GitcapError
+from gitcli.formats.atomic import copy_dir_atomic
 from gitcli.model.captioner import Captioner, apply_lora, build_captioner, freeze_for_training
 from gitcli.model.checkpoint import (LATEST_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint, saved_parameters,
                                      write_latest)
 from gitcli.train import zero as ds
 from gitcli.train.deepspeed_config import build_config, check_combination, offloads, zero_stage
 from gitcli.train.features import build_feature_cache, check_cache_features
-from gitcli.train.progress import ProgressBar
+from gitcli.progress import ProgressBar
 from gitcli.train.report import Reporter, check_available
 from gitcli.train.schedule import lr_factor
 from gitcli.train.state import load_state, rng_state, save_state, set_rng_state
@@ -273,7 +274,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
             score = report.get("score")
             if score is not None and (result.best_score is None or score > result.best_score):
                 result.best_score = score
-                _replace_dir(ckpt, out / "best")
+                copy_dir_atomic(ckpt, out / "best")
 
     bar = _Bar(total_steps, enabled=progress and is_main_process())
     start, samples_seen = time.perf_counter(), 0
@@ -389,18 +390,6 @@ def _tower_on(model: Captioner, device: torch.device):
         model.vision.to("cpu")
 
 
-def _replace_dir(source: Path, target: Path) -> None:
-    """Copy `source` to `target`, swapping it in by renames so `target` is never half-written."""
-    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _gather_rng(world: int) -> list[dict]:
     """Every rank's RNG state, so each continues its own stream on resume."""
     state = rng_state()
@@ -417,7 +406,7 @@ class _Bar(ProgressBar):
     """Training progress: step, loss, lr, samples/s, time left."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        super().__init__("train", total, enabled)
+        super().__init__("train", total, unit="steps", enabled=enabled)
 
     def update(self, step: int, loss: float | None, lr: float, rate: float) -> None:
         info = f"loss {loss:.3f}  lr {lr:.2e}  {rate:.0f} samples/s" if loss is not None and math.isfinite(loss) else ""
