@@ -7,6 +7,7 @@ declared once here as `Annotated` aliases and reused by the command modules.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional, TypeVar
@@ -16,7 +17,10 @@ from rich.console import Console
 
 from gitcli.errors import GitcapError
 
+# Progress, messages and errors go to stderr; results and summary tables to stdout, so
+# `gitcap score-coco ... > scores.txt` captures the scores and a pipe gets only results.
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+out_console = Console(highlight=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable)
 
 
@@ -40,6 +44,32 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def output_file(path: Path, *, option: str = "--out") -> Path:
+    """Check an output file's place before any work starts: create its folder, or say in
+    one line why it cannot be written (a directory in the way, no permission)."""
+    path = Path(path)
+    if path.is_dir():
+        raise GitcapError(f"{option} {path} is a directory; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GitcapError(f"{option} {path}: cannot create its folder ({exc.strerror})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise GitcapError(f"{option} {path}: not writable")
+    return path
+
+
+def output_dir(path: Path, *, option: str = "--out") -> Path:
+    """Check an output folder before any work starts (it is created by the command)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise GitcapError(f"{option} {path} is a file; give a folder")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GitcapError(f"{option} {path}: not writable")
+    return path
 
 
 def print_out(text: str) -> None:
