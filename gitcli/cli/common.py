@@ -72,6 +72,20 @@ def output_dir(path: Path, *, option: str = "--out") -> Path:
     return path
 
 
+def given_on_command_line(*names: str) -> list[str]:
+    """Which of these options (parameter names) the user typed, as opposed to left at their
+    defaults; [] outside a command."""
+    try:
+        from typer._click.globals import get_current_context  # typer vendors its click
+    except ImportError:  # older typer: click itself
+        from click import get_current_context
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return []
+    typed = ("COMMANDLINE", "ENVIRONMENT")
+    return [n for n in names if getattr(ctx.get_parameter_source(n), "name", None) in typed]
+
+
 def print_out(text: str) -> None:
     """Results go to stdout, messages to stderr, so output can be piped."""
     sys.stdout.write(text + "\n")

@@ -23,12 +23,18 @@ TrainLmOpt = Annotated[bool, typer.Option("--train-lm", help="Fully tune the LM.
 def model_config_from_options(*, preset, vision, vision_pretrained, lm, mapping, prefix_length, grid, int8, dtype,
                               train_vision, lora, train_lm):
     """Typed options -> ModelConfig (the tiny preset fills what was left at its default)."""
+    from gitcli.cli.common import given_on_command_line
     from gitcli.config import ModelConfig
     from gitcli.errors import GitcapError
 
     if preset is not None:
         if preset != "tiny":
             raise GitcapError(f"unknown preset {preset!r}; the built-in preset is: tiny")
+        mixed = given_on_command_line("vision", "vision_pretrained", "lm", "mapping", "prefix_length", "grid",
+                                       "train_vision", "train_lm")
+        if mixed:
+            names = ", ".join("--" + name.replace("_", "-") for name in mixed)
+            raise GitcapError(f"--preset tiny builds its own model; it cannot be combined with {names}")
         from gitcli.model.tiny import tiny_model_config
 
         # everything of the tiny preset trains, except an 8-bit LM (LoRA adapters instead)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from gitcli.errors import GitcapError
-from gitcli.model.hub import quiet_loggers
+from gitcli.model.hub import did_you_mean, hub_reachable, quiet_loggers
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -22,7 +21,16 @@ def storage_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _suggestion(name: str) -> str:
+    from gitcli.config import LM_ALIASES
+
+    return did_you_mean(name, [*LM_ALIASES, *LM_ALIASES.values()])
+
+
 def _offline_hint(name: str) -> str:
+    close = _suggestion(name)
+    if close:
+        return f"unknown LM {name!r}{close}: it is no local directory and not in the Hugging Face cache"
     return (
         f"cannot load {name!r}: it is not a local directory and not in the Hugging Face cache, and "
         "the hub could not be reached. Download it where there is internet "
@@ -45,12 +53,13 @@ def _load(loader, name: str, **kwargs):
         try:
             return loader(name, local_files_only=True, **kwargs)
         except OSError:
-            if os.environ.get("HF_HUB_OFFLINE") == "1":
+            if not hub_reachable():  # one quick check instead of a minute of retried requests
                 raise GitcapError(_offline_hint(name)) from None
         try:
             return loader(name, **kwargs)
         except OSError:
-            raise GitcapError(_offline_hint(name)) from None
+            raise GitcapError(f"cannot load {name!r} from the hub{_suggestion(name)}: no such model, or no "
+                              "access to it (a gated model needs `hf auth login`)") from None
     except ValueError as exc:  # e.g. an architecture transformers does not know
         raise GitcapError(f"cannot load {name!r} as a causal LM: {str(exc).splitlines()[0]}") from None
 

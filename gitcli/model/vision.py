@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gitcli.errors import GitcapError
-from gitcli.model.hub import quiet_loggers
+from gitcli.model.hub import did_you_mean, hub_reachable, quiet_loggers
 
 # Model configs shipped with gitcap (the tiny preset's ViT); registered with open_clip so
 # that they load through `open_clip.create_model` exactly as the hub architectures do.
@@ -33,8 +33,8 @@ def create_clip_visual(name: str, pretrained: str | None) -> nn.Module:
     _register_configs()
     if name not in open_clip.list_models():
         raise GitcapError(
-            f"unknown vision tower {name!r}; use an open_clip model name such as RN50, ViT-B-32, "
-            "ViT-L-14 (see open_clip.list_models())"
+            f"unknown vision tower {name!r}{did_you_mean(name, open_clip.list_models())}; use an open_clip "
+            "model name such as RN50, ViT-B-32, ViT-L-14 (see open_clip.list_models())"
         )
     if pretrained is not None and not os.path.exists(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -43,6 +43,8 @@ def create_clip_visual(name: str, pretrained: str | None) -> nn.Module:
                 f"{pretrained!r} is neither a local weights file nor a pretrained tag of {name} "
                 f"(tags: {', '.join(tags) or 'none'})"
             )
+    if pretrained is not None and not os.path.exists(pretrained):
+        hub_reachable()  # out of reach: the download answers from the cache at once, no retries
     # open_clip logs a warning (random weights, intended here) or an error, and the hub
     # client logs every retry of a failed download; gitcap reports in one line instead.
     with quiet_loggers("", "huggingface_hub"):
@@ -57,8 +59,9 @@ def _loading_failed(name: str, pretrained: str | None, exc: Exception) -> None:
     if pretrained and os.path.exists(pretrained):
         raise GitcapError(f"cannot load {pretrained} as {name} weights: is it an open_clip checkpoint of this "
                           f"architecture? ({_first_line(exc)})") from None
-    raise GitcapError(f"cannot load {name} weights {pretrained!r}: not in the local cache and the hub could not "
-                      "be reached; download them where there is internet and pass --vision-pretrained FILE") from None
+    where = "the hub could not be reached" if not hub_reachable() else f"the download failed ({_first_line(exc)})"
+    raise GitcapError(f"cannot load {name} weights {pretrained!r}: not in the local cache and {where}; "
+                      "download them where there is internet and pass --vision-pretrained FILE") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -65,22 +65,30 @@ class MemoryEstimate:
 
 # ---- the model on the meta device ----------------------------------------------------------
 def _lm_config(model_cfg: ModelConfig):
-    """The LM's transformers config from a local directory or the HF cache; never downloads
-    when HF_HUB_OFFLINE=1."""
+    """The LM's transformers config: every alias from the shared architecture table (as
+    `gitcap bench` builds them, offline), else a local directory or the HF cache, else the
+    hub when it can be reached."""
     from transformers import AutoConfig
+
+    from gitcli.config import LM_ALIASES
+    from gitcli.model.architectures import UnknownArchitecture, lm_config
+    from gitcli.model.hub import did_you_mean, hub_reachable, quiet_loggers
 
     name = model_cfg.lm
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError):
+        return lm_config(name)
+    except UnknownArchitecture:
         pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise GitcapError(f"--dry-run needs the config of {name!r}, which is not a local directory nor in the "
-                          "Hugging Face cache, and the hub is off (HF_HUB_OFFLINE=1)")
+    close = did_you_mean(name, [*LM_ALIASES, *LM_ALIASES.values()])
+    if close or not hub_reachable():
+        raise GitcapError(f"--dry-run needs the config of {name!r}{close}, which is no known alias, no local "
+                          "directory and not in the Hugging Face cache" + ("" if close else ", and the hub is out of reach"))
     try:
-        return AutoConfig.from_pretrained(name)
+        with quiet_loggers("transformers", "huggingface_hub"):
+            return AutoConfig.from_pretrained(name)
     except (OSError, ValueError):
-        raise GitcapError(f"--dry-run needs the config of {name!r} and could not read it locally or from the hub") from None
+        raise GitcapError(f"--dry-run needs the config of {name!r} and the hub has none (no such model, or a "
+                          "gated one: `hf auth login`)") from None
 
 
 def build_meta_captioner(model_cfg: ModelConfig, vocabulary: list[str] | None = None):
