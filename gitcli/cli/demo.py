@@ -52,7 +52,9 @@ def demo(
     started = time.perf_counter()
     # Worker processes and intra-op threads share few cores; oversubscribing them makes
     # OpenMP spin and slows training several-fold, so threads get the cores workers leave.
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - num_workers))
+    # Only ever fewer threads than the process has: a caller that already gave it fewer
+    # (one per pytest-xdist worker, OMP_NUM_THREADS on a shared node) keeps its choice.
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - num_workers)))
     model_cfg = tiny_model_config()
     data_cfg = DataConfig(source="synthetic", synthetic_size=train_scenes, synthetic_seed=TRAIN_SEED, task="both",
                           questions_per_scene=QUESTIONS_PER_SCENE, num_workers=num_workers)
