@@ -10,9 +10,9 @@ import torch
 
 from gitcli.config import GenerationConfig
 from gitcli.data.images import open_rgb
-from gitcli.dist import autocast, resolve_device, resolve_precision
+from gitcli.dist import resolve_device, resolve_precision
 from gitcli.errors import GitcapError
-from gitcli.generate import Generation, generate
+from gitcli.generate import Generation, generate_for_images
 
 
 @dataclass
@@ -22,7 +22,6 @@ class RuntimeOptions:
     device: str = "auto"
     dtype: str | None = None  # override the checkpoint's storage dtype
     precision: str | None = None
-    batch_size: int = 16
 
 
 def load_model(checkpoint: Path | None, preset: str | None, runtime: RuntimeOptions):
@@ -73,8 +72,6 @@ def run_on_images(model, device: torch.device, precision: str, images: list[Path
     """
     gen.validate()
     transform = model.image_transform()
-    from gitcli.data.text import prompt_text
-
     results: list[ImageResult] = []
     for chunk in _batches(list(zip(images, questions)), batch_size):
         tensors, kept = [], []
@@ -89,10 +86,7 @@ def run_on_images(model, device: torch.device, precision: str, images: list[Path
                     on_result(result)
         if not kept:
             continue
-        pixels = torch.stack(tensors).to(device)
-        prompts = [prompt_text(model.config, q) for _, q in kept]
-        with autocast(precision, device):
-            outs = generate(model, pixels, prompts, gen)
+        outs = generate_for_images(model, torch.stack(tensors), [q for _, q in kept], gen, precision=precision)
         for (path, question), out in zip(kept, outs):
             result = ImageResult(str(path), question, out)
             results.append(result)

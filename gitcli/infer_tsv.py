@@ -24,10 +24,9 @@ import torch
 
 from gitcli.config import GenerationConfig
 from gitcli.data.images import open_rgb
-from gitcli.data.text import prompt_text
-from gitcli.dist import autocast, barrier
+from gitcli.dist import barrier
 from gitcli.errors import GitcapError
-from gitcli.generate import generate
+from gitcli.generate import generate_for_images
 
 
 @dataclass
@@ -146,10 +145,9 @@ def infer_tsv(model, device: torch.device, precision: str, images: Path, out: Pa
             results: dict[int, list[dict]] = {}
             for i in range(0, len(items), batch_size):
                 chunk = items[i:i + batch_size]
-                batch = torch.stack(pixels[i:i + batch_size]).to(device)
-                prompts = [prompt_text(model.config, q["question"] if q else None) for _, q in chunk]
-                with autocast(precision, device):
-                    outs = generate(model, batch, prompts, gen)
+                questions_now = [q["question"] if q else None for _, q in chunk]
+                outs = generate_for_images(model, torch.stack(pixels[i:i + batch_size]), questions_now, gen,
+                                           precision=precision)
                 for (r, q), o in zip(chunk, outs):
                     entry = {"caption": o.text} if q is None else {"question_id": q["question_id"], "answer": o.text}
                     results.setdefault(r, []).append(entry)

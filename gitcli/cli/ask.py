@@ -35,7 +35,7 @@ def ask(
 
     Example: gitcap ask dino.jpg "What is the dinosaur holding?" --checkpoint runs/vqa
     """
-    from gitcli.cli.decoding import run_and_print
+    from gitcli.cli.image_commands import run_and_print
     from gitcli.errors import GitcapError
 
     if not question.strip():

@@ -34,7 +34,7 @@ def caption(
 
     Example: gitcap caption photos/ --checkpoint runs/coco --beams 3
     """
-    from gitcli.cli.decoding import run_and_print
+    from gitcli.cli.image_commands import run_and_print
 
     run_and_print(images, [None], checkpoint=checkpoint, preset=preset, device=device, dtype=dtype,
                   precision=precision, batch_size=batch_size, beams=beams, max_new_tokens=max_new_tokens,

@@ -48,8 +48,7 @@ def infer_tsv(
     gen = GenerationConfig(max_new_tokens=max_new_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed,
                            cache=cache, compile=compile)
     gen.validate()
-    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision,
-                             batch_size=batch_size)
+    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision)
     model, dev, prec = load_model(checkpoint, preset, runtime)
     rank, world = init_distributed(dev.type)
     from gitcli.formats.tsv import read_lineidx

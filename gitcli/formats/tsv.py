@@ -25,6 +25,9 @@ from gitcli.errors import GitcapError
 from gitcli.formats.atomic import atomic_file, write_bytes
 
 
+KEY_READ = 256  # bytes read at a time while looking for the end of a row's key
+
+
 def lineidx_path(path: Path) -> Path:
     return Path(f"{path}.lineidx")
 
@@ -193,7 +196,20 @@ class TsvFile:
             yield self[i]
 
     def keys(self) -> list[str]:
-        return [self[i][0] for i in range(len(self))]
+        """The first cell of every row, reading only as far as its first tab: an image TSV's
+        base64 cells (most of its bytes) are never read or decoded."""
+        return [self.key(i) for i in range(len(self))]
+
+    def key(self, row: int) -> str:
+        self._f.seek(self.offsets[row])
+        head = b""
+        while True:
+            chunk = self._f.read(KEY_READ)
+            head += chunk
+            end = min((i for i in (head.find(b"\t"), head.find(b"\n")) if i >= 0), default=-1)
+            if end >= 0 or not chunk:
+                break
+        return _split(head if end < 0 else head[:end], self.path, row)[0]
 
     def close(self) -> None:
         self._f.close()

@@ -23,8 +23,7 @@ def run_and_print(images: list[Path], questions: list[str | None], *, checkpoint
     paths = expand_image_paths(images)
     if len(questions) == 1 and len(paths) > 1:
         questions = questions * len(paths)
-    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision,
-                             batch_size=batch_size)
+    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision)
     with console.status("loading model"):
         model, dev, prec = load_model(checkpoint, preset, runtime)
     if preset is not None:
