@@ -47,6 +47,17 @@ PRESETS = ("tiny",)
 # checkpoint, so they are always saved whole.
 TINY_VISION = "gitcap-tiny-vit"
 TINY_LM = "gitcap-tiny-lm"
+# The tiny preset's word-level vocabulary: every word of the built-in synthetic set
+# (gitcli.data.synthetic draws its scenes' words from it). It sits here, below both
+# `model` (which builds the tokenizer from it) and `data`, which may not import each other.
+TINY_VOCABULARY = (
+    "red", "green", "blue", "yellow", "purple", "white",  # colours
+    "circle", "square", "triangle",  # shapes
+    "left", "middle", "right",  # columns
+    "zero", "one", "two", "three",  # counts
+    "a", "on", "the", "in", "and", "shapes", "how", "many", "are", "there", "what",
+    "color", "is", "shape", "where", "yes", "no", "?", "question", ":", "answer",
+)
 
 DEFAULT_QUESTION_TEMPLATE = "Question: {question} Answer:"
 

@@ -35,12 +35,11 @@ def load_model(checkpoint: Path | None, preset: str | None, runtime: RuntimeOpti
     if checkpoint is not None:
         model = load_checkpoint(checkpoint, device=device, dtype=runtime.dtype)
     elif preset == "tiny":
-        from gitcli.data.synthetic import vocabulary
         from gitcli.model.captioner import build_captioner
         from gitcli.model.tiny import tiny_model_config
 
         torch.manual_seed(0)
-        model = build_captioner(tiny_model_config(dtype=runtime.dtype or "auto"), device=device, vocabulary=vocabulary())
+        model = build_captioner(tiny_model_config(dtype=runtime.dtype or "auto"), device=device)
     elif preset is not None:
         raise GitcapError(f"unknown preset {preset!r}; the built-in preset is: tiny")
     else:

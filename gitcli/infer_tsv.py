@@ -18,15 +18,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from gitcli.config import GenerationConfig
 from gitcli.data.images import open_rgb
-from gitcli.dist import barrier
+from gitcli.dist import barrier, init_distributed
 from gitcli.errors import GitcapError
 from gitcli.generate import generate_for_images
+from gitcli.progress import ProgressBar
 
 
 @dataclass
@@ -108,10 +108,17 @@ def _read_questions(path: Path, keys: list[str]) -> list[list[dict]]:
 
 def infer_tsv(model, device: torch.device, precision: str, images: Path, out: Path, gen: GenerationConfig, *,
               questions: Path | None = None, batch_size: int = 32, coco_json: Path | None = None,
-              rank: int = 0, world: int = 1, on_rows: Callable[[int], None] | None = None) -> TsvInferenceReport:
+              rank: int | None = None, world: int | None = None, progress: bool = False) -> TsvInferenceReport:
+    """Decode every row of `images` that no earlier run finished into `out`.
+
+    `rank`/`world` default to this process's place in the torchrun job (one process: 0/1).
+    `progress` shows the rows of this process (rank 0's only) on stderr.
+    """
     from gitcli.formats.tsv import TsvFile, decode_image, write_tsv
 
     gen.validate()
+    if rank is None or world is None:
+        rank, world = init_distributed(device.type)
     tsv = TsvFile(images)
     keys = tsv.keys()
     if len(set(keys)) != len(keys):
@@ -126,7 +133,10 @@ def infer_tsv(model, device: torch.device, precision: str, images: Path, out: Pa
     transform = model.image_transform()
     out.parent.mkdir(parents=True, exist_ok=True)
     _drop_torn_line(_partial(out, rank))
-    with open(_partial(out, rank), "a", encoding="utf-8") as part:
+    mine = report.skipped + len(todo)
+    bar = ProgressBar("infer-tsv", mine, unit="rows", enabled=progress and rank == 0)
+    bar.show(report.skipped)
+    with bar, open(_partial(out, rank), "a", encoding="utf-8") as part:
         for start in range(0, len(todo), batch_size):
             rows = todo[start:start + batch_size]
             pixels, items = [], []  # items: (row, question dict or None), pixels aligned
@@ -157,8 +167,7 @@ def infer_tsv(model, device: torch.device, precision: str, images: Path, out: Pa
             part.flush()
             os.fsync(part.fileno())
             report.written += len(results)
-            if on_rows:
-                on_rows(len(rows))
+            bar.advance(len(rows))
     tsv.close()
 
     barrier()  # every rank's part is on disk before rank 0 merges

@@ -37,11 +37,9 @@ def infer_tsv(
     Example: gitcap infer-tsv --images test.img.tsv --checkpoint runs/coco --out results.tsv --beams 3
     Several GPUs: torchrun --nproc_per_node 8 -m gitcli infer-tsv ... (rows are split, parts merged in order).
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
     from gitcli.config import GenerationConfig
-    from gitcli.dist import init_distributed, is_main_process
     from gitcli.infer import RuntimeOptions, load_model
     from gitcli.infer_tsv import infer_tsv as run
 
@@ -50,20 +48,11 @@ def infer_tsv(
     gen.validate()
     runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision)
     model, dev, prec = load_model(checkpoint, preset, runtime)
-    rank, world = init_distributed(dev.type)
-    from gitcli.formats.tsv import read_lineidx
-
-    total = sum(1 for r in range(len(read_lineidx(images))) if r % world == rank)
-    with Progress(TextColumn("infer-tsv"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                  TimeRemainingColumn(), console=console, disable=not is_main_process()) as progress:
-        task = progress.add_task("rows", total=total)
-        report = run(model, dev, prec, images, out, gen, questions=questions, batch_size=batch_size,
-                     coco_json=coco_json, rank=rank, world=world,
-                     on_rows=lambda n: progress.advance(task, n))
-        progress.update(task, completed=total)
+    report = run(model, dev, prec, images, out, gen, questions=questions, batch_size=batch_size, coco_json=coco_json,
+                 progress=True)
     for row, key, reason in report.failed:
         console.print(f"[bold red]error:[/] row {row} (key {key}): {reason}")
-    if is_main_process():
+    if report.merged:  # rank 0 of a torchrun job, or the only process
         table = Table(title=f"infer-tsv → {out}", show_header=False)
         table.add_row("image rows", str(report.rows))
         table.add_row("done earlier (skipped)", str(report.skipped))
