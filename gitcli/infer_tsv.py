@@ -7,7 +7,9 @@ optionally COCO results JSON.
 Resumable: each process appends finished rows to its own `OUT.partial-R.tsv` as
 `row<TAB>key<TAB>cell`, flushed per batch; a rerun (with any number of processes) skips
 every row found in those files or in an existing output, then the rows are merged in input
-order into OUT, atomically, and the partial files removed. A row whose image cannot be
+order into OUT, atomically, and the partial files removed. A rerun resumes only when
+`OUT.provenance.json` (model, decoding options, inputs: gitcli.infer_provenance) says the
+rows came from what it is given now; otherwise it is refused, or `overwrite` starts over. A row whose image cannot be
 decoded fails alone: it is reported and counted, written nowhere, and tried again by the
 next run.
 """
@@ -26,6 +28,7 @@ from gitcli.data.images import open_rgb
 from gitcli.dist import barrier, init_distributed
 from gitcli.errors import GitcapError
 from gitcli.generate import generate_for_images
+from gitcli.infer_provenance import check_provenance, describe_run, provenance_path, write_provenance
 from gitcli.progress import ProgressBar
 
 
@@ -70,6 +73,23 @@ def _finished_rows(out: Path, keys: list[str]) -> dict[int, tuple[str, str]]:
     return done
 
 
+def _claim(out: Path, record: dict) -> None:
+    """Refuse rows from other inputs; record ours when nothing is recorded yet."""
+    has_rows = out.exists() or any(p.stat().st_size for p in out.parent.glob(f"{out.name}.partial-*.tsv"))
+    check_provenance(out, record, has_rows=has_rows)
+    if not provenance_path(out).exists():
+        write_provenance(out, record)
+
+
+def _discard(out: Path) -> None:
+    """--overwrite: the output, its indexes, the partial rows and their record go."""
+    from gitcli.formats.tsv import lineidx8b_path, lineidx_path
+
+    for path in (out, lineidx_path(out), lineidx8b_path(out), provenance_path(out),
+                 *out.parent.glob(f"{out.name}.partial-*.tsv")):
+        path.unlink(missing_ok=True)
+
+
 def _drop_torn_line(path: Path) -> None:
     """Cut a partial file back to its last complete line before appending to it."""
     if not path.exists():
@@ -108,11 +128,13 @@ def _read_questions(path: Path, keys: list[str]) -> list[list[dict]]:
 
 def infer_tsv(model, device: torch.device, precision: str, images: Path, out: Path, gen: GenerationConfig, *,
               questions: Path | None = None, batch_size: int = 32, coco_json: Path | None = None,
-              rank: int | None = None, world: int | None = None, progress: bool = False) -> TsvInferenceReport:
+              rank: int | None = None, world: int | None = None, progress: bool = False,
+              overwrite: bool = False) -> TsvInferenceReport:
     """Decode every row of `images` that no earlier run finished into `out`.
 
     `rank`/`world` default to this process's place in the torchrun job (one process: 0/1).
-    `progress` shows the rows of this process (rank 0's only) on stderr.
+    `progress` shows the rows of this process (rank 0's only) on stderr. `overwrite`
+    discards what earlier runs wrote to `out` instead of resuming them.
     """
     from gitcli.formats.tsv import TsvFile, decode_image, write_tsv
 
@@ -125,6 +147,15 @@ def infer_tsv(model, device: torch.device, precision: str, images: Path, out: Pa
         raise GitcapError(f"{images} has repeated keys; every image row needs its own key")
     question_rows = _read_questions(questions, keys) if questions is not None else None
     report = TsvInferenceReport(rows=len(keys))
+
+    record = describe_run(model, precision, gen, images, keys, questions)
+    if rank == 0:  # first, so that the other ranks never read rows it is about to discard
+        if overwrite:
+            _discard(out)
+        _claim(out, record)
+    barrier()
+    if rank != 0:
+        _claim(out, record)
 
     done = _finished_rows(out, keys)
     todo = [r for r in range(len(keys)) if r % world == rank and r not in done]

@@ -12,7 +12,7 @@ from gitcli.cli import app
 from gitcli.config import GenerationConfig
 from gitcli.errors import GitcapError
 from gitcli.infer_tsv import infer_tsv
-from gitcli.model.checkpoint import load_checkpoint
+from gitcli.model.checkpoint import load_checkpoint, save_checkpoint
 
 GEN = GenerationConfig(max_new_tokens=4)
 
@@ -61,7 +61,8 @@ def test_resume_skips_finished_rows(model, image_tsv, tmp_path):
     _run(model, image_tsv, full)
     out = tmp_path / "res.tsv"
     done = _rows(full)[:2]
-    # an interrupted run: two rows finished, a third torn mid-line
+    # an interrupted run of the same inputs: its record, two rows finished, a third torn mid-line
+    (tmp_path / "res.tsv.provenance.json").write_bytes((tmp_path / "full.tsv.provenance.json").read_bytes())
     (tmp_path / "res.tsv.partial-0.tsv").write_text(
         f"0\t{done[0][0]}\t{done[0][1]}\n1\t{done[1][0]}\t{done[1][1]}\n2\t102\t[{{\"capt")
     report = _run(model, image_tsv, out)
@@ -133,3 +134,50 @@ def test_cli_static_cache_writes_the_same_results(tiny_checkpoint, image_tsv, tm
         assert result.exit_code == 0, result.output
         outputs.append(out.read_text())
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 6
+
+
+def _question_tsv(path, question="what color is the circle?"):
+    items = lambda i: json.dumps([{"question": question, "question_id": i}])  # noqa: E731
+    path.write_text("".join(f"{100 + i}\t{items(i)}\n" for i in range(6)))
+    return path
+
+
+def test_rerun_with_other_inputs_is_refused_and_overwrite_starts_over(model, image_tsv, tmp_path, tiny_captioner):
+    out = tmp_path / "res.tsv"
+    _run(model, image_tsv, out, questions=_question_tsv(tmp_path / "q.tsv"))
+    before = out.read_text()
+    other = load_checkpoint(save_checkpoint(tiny_captioner, tmp_path / "other")).eval()
+    beams3 = GenerationConfig(max_new_tokens=4, beams=3)
+    cpu = torch.device("cpu")
+    refusals = [
+        (lambda: _run(other, image_tsv, out, questions=tmp_path / "q.tsv"), "another model .*checkpoint .*other"),
+        (lambda: infer_tsv(model, cpu, "fp32", image_tsv, out, beams3, questions=tmp_path / "q.tsv", batch_size=4),
+         "--beams 1 then, 3 now"),
+        (lambda: _run(model, image_tsv, out), "--questions then but not now"),
+        (lambda: _run(model, image_tsv, out, questions=_question_tsv(tmp_path / "q2.tsv", "how many shapes?")),
+         "another --questions TSV"),
+    ]
+    for attempt, difference in refusals:
+        with pytest.raises(GitcapError, match=difference + ".*--overwrite.*another --out"):
+            attempt()
+        assert out.read_text() == before  # nothing written, nothing lost
+    same = _run(model, image_tsv, out, questions=tmp_path / "q.tsv")  # the same inputs resume
+    assert (same.skipped, same.written) == (6, 0) and out.read_text() == before
+    fresh = infer_tsv(model, cpu, "fp32", image_tsv, out, beams3, batch_size=4, overwrite=True)
+    assert (fresh.skipped, fresh.written) == (0, 6)
+    assert "answer" not in out.read_text()  # captions now: the earlier answers were discarded
+    resumed = infer_tsv(model, cpu, "fp32", image_tsv, out, beams3, batch_size=4)
+    assert (resumed.skipped, resumed.written) == (6, 0)
+
+
+def test_rows_without_a_record_are_not_trusted_and_the_cli_refuses_in_one_line(tiny_checkpoint, image_tsv, tmp_path):
+    out = tmp_path / "res.tsv"
+    out.write_text("100\t[{\"caption\": \"stale\"}]\n")  # rows from before records existed
+    args = ["infer-tsv", "--images", str(image_tsv), "--out", str(out), "-c", str(tiny_checkpoint),
+            "--max-new-tokens", "3", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "no provenance record" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    result = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "stale" not in out.read_text() and len(_rows(out)) == 6

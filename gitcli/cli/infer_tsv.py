@@ -31,8 +31,12 @@ def infer_tsv(
     dtype: DtypeOpt = "auto",
     precision: PrecisionOpt = None,
     seed: SeedOpt = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard the rows an earlier run wrote to --out and start over (a rerun otherwise resumes them, and refuses when the model, decoding options or inputs changed).")] = False,
 ) -> None:
     """Caption (or answer the questions of) every image of a GIT TSV; rerun to resume.
+
+    A rerun resumes only with the same checkpoint, decoding options and inputs (recorded in
+    OUT.provenance.json); anything else is refused: choose another --out, or --overwrite.
 
     Example: gitcap infer-tsv --images test.img.tsv --checkpoint runs/coco --out results.tsv --beams 3
     Several GPUs: torchrun --nproc_per_node 8 -m gitcli infer-tsv ... (rows are split, parts merged in order).
@@ -49,7 +53,7 @@ def infer_tsv(
     runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision)
     model, dev, prec = load_model(checkpoint, preset, runtime)
     report = run(model, dev, prec, images, out, gen, questions=questions, batch_size=batch_size, coco_json=coco_json,
-                 progress=True)
+                 progress=True, overwrite=overwrite)
     for row, key, reason in report.failed:
         console.print(f"[bold red]error:[/] row {row} (key {key}): {reason}")
     if report.merged:  # rank 0 of a torchrun job, or the only process

@@ -38,6 +38,9 @@ class Captioner(nn.Module):
         self.lm = lm
         self.tokenizer = tokenizer
         self.prefix_length = prefix_length_of(config, vision.num_tokens)
+        # where the weights came from (a checkpoint's identity), so outputs can record it;
+        # None: built here with fresh weights
+        self.origin: dict | None = None
 
     def train(self, mode: bool = True) -> "Captioner":
         """A frozen tower stays in eval mode while the rest trains: a ResNet's BatchNorm

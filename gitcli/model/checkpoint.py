@@ -9,6 +9,7 @@ A training output directory holds `checkpoint-STEP/` and a `latest` pointer file
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +42,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return target
         raise GitcapError(f"{latest} points to {target.name}, which is not a checkpoint")
     raise GitcapError(f"{path} is not a gitcap checkpoint (no {CONFIG_FILE}) nor a run directory (no {LATEST_FILE})")
+
+
+def checkpoint_identity(path: str | Path) -> dict:
+    """What tells this checkpoint from any other, read in milliseconds whatever its size:
+    the hash of `gitcap.json` and every weight file's size and modification time
+    (`train_state/`, the optimiser's resume state, does not change what the model outputs).
+    A copy made without keeping times counts as another checkpoint: refusing too much is
+    the safe side for outputs that a rerun would otherwise trust."""
+    ckpt = resolve_checkpoint(path)
+    files = {}
+    for file in sorted(ckpt.rglob("*")):
+        rel = file.relative_to(ckpt)
+        if rel.parts[0] != "train_state" and file.is_file():
+            stat = file.stat()
+            files[rel.as_posix()] = [stat.st_size, stat.st_mtime_ns]
+    digest = hashlib.sha256((ckpt / CONFIG_FILE).read_bytes()).hexdigest()
+    return {"checkpoint": str(ckpt.resolve()), "config_sha256": digest, "files": files}
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -155,6 +173,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(captioner.lm, _load_weights(ckpt / "lora.safetensors", "LoRA adapters"))
+    captioner.origin = checkpoint_identity(ckpt)
     return captioner
 
 
