@@ -181,3 +181,60 @@ def test_rows_without_a_record_are_not_trusted_and_the_cli_refuses_in_one_line(t
     result = CliRunner().invoke(app, [*args, "--overwrite"])
     assert result.exit_code == 0, result.output
     assert "stale" not in out.read_text() and len(_rows(out)) == 6
+
+
+def test_images_without_questions_flow_through_with_empty_rows(model, image_tsv, tmp_path):
+    """test-dev is a subset of test2015's images: `gitcap tsv questions` writes [] for the
+    others. Such a row has nothing to answer: it is written as [] and costs no decoding."""
+    qs = tmp_path / "q.tsv"
+    asked = {0: 2, 3: 1}  # rows with questions; the others have none
+    qs.write_text("".join(
+        f"{100 + i}\t{json.dumps([{'question': 'what color is the circle?', 'question_id': 10 * i + j} for j in range(asked.get(i, 0))])}\n"
+        for i in range(6)))
+    out = tmp_path / "vqa.tsv"
+    report = _run(model, image_tsv, out, questions=qs, coco_json=tmp_path / "vqa.json")
+    rows = _rows(out)
+    assert [r[0] for r in rows] == [str(100 + i) for i in range(6)]
+    assert [[a["question_id"] for a in json.loads(r[1])] for r in rows] == [[0, 1], [], [], [30], [], []]
+    assert report.outputs == 3 and report.written == 6 and not report.failed
+    assert sorted(a["question_id"] for a in json.loads((tmp_path / "vqa.json").read_text())) == [0, 1, 30]
+
+
+def test_a_second_infer_tsv_into_the_same_out_is_refused_naming_the_first(tiny_checkpoint, image_tsv, tmp_path):
+    """A real second process: refused in one line with the holder's pid, exit 2, before its
+    model loads; another rank of the same output is not blocked (ranks share it by design)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gitcli.infer_tsv import output_lock
+
+    out = tmp_path / "res.tsv"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    with output_lock(out, rank=0):
+        other_rank = _run(load_checkpoint(tiny_checkpoint).eval(), image_tsv, out, rank=1, world=2)
+        assert other_rank.written == 3
+        second = subprocess.run([sys.executable, "-m", "gitcli", "infer-tsv", "--images", str(image_tsv), "--out",
+                                 str(out), "-c", str(tiny_checkpoint), "--device", "cpu"],
+                                cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert f"pid {os.getpid()}" in second.stderr and "--out" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1 and not second.stdout
+    assert not out.exists()  # the first one's output untouched
+
+
+def test_cli_summary_on_stdout_and_out_checked_before_work(tiny_checkpoint, image_tsv, tmp_path):
+    out = tmp_path / "res.tsv"
+    args = ["infer-tsv", "--images", str(image_tsv), "-c", str(tiny_checkpoint), "--max-new-tokens", "2",
+            "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "done now" in result.stdout and "done now" not in result.stderr
+    (tmp_path / "adir").mkdir()
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "adir")])
+    assert result.exit_code == 2 and "is a directory" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "new" / "res.tsv"), "--coco-json", str(tmp_path / "adir")])
+    assert result.exit_code == 2 and "--coco-json" in result.output
+    assert not (tmp_path / "new" / "res.tsv").exists()

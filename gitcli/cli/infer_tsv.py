@@ -9,7 +9,7 @@ import typer
 
 from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt,
                                MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt, console,
-                               user_errors)
+                               out_console, output_file, user_errors)
 
 
 @user_errors
@@ -46,14 +46,19 @@ def infer_tsv(
     from gitcli.config import GenerationConfig
     from gitcli.infer import RuntimeOptions, load_model
     from gitcli.infer_tsv import infer_tsv as run
+    from gitcli.infer_tsv import output_lock
 
     gen = GenerationConfig(max_new_tokens=max_new_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed,
                            cache=cache, compile=compile)
     gen.validate()
+    output_file(out)
+    if coco_json is not None:
+        output_file(coco_json, option="--coco-json")
     runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision)
-    model, dev, prec = load_model(checkpoint, preset, runtime)
-    report = run(model, dev, prec, images, out, gen, questions=questions, batch_size=batch_size, coco_json=coco_json,
-                 progress=True, overwrite=overwrite)
+    with output_lock(out):  # before the model loads: a second command into --out is refused at once
+        model, dev, prec = load_model(checkpoint, preset, runtime)
+        report = run(model, dev, prec, images, out, gen, questions=questions, batch_size=batch_size,
+                     coco_json=coco_json, progress=True, overwrite=overwrite, lock=False)
     for row, key, reason in report.failed:
         console.print(f"[bold red]error:[/] row {row} (key {key}): {reason}")
     if report.merged:  # rank 0 of a torchrun job, or the only process
@@ -63,6 +68,6 @@ def infer_tsv(
         table.add_row("done now", str(report.written))
         table.add_row("outputs generated", str(report.outputs))
         table.add_row("failed rows", str(len(report.failed)))
-        console.print(table)
+        out_console.print(table)
     if report.failed:
         raise typer.Exit(1)

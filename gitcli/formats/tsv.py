@@ -244,6 +244,32 @@ def read_caption_tsv(path: Path) -> dict[str, list[str]]:
     return out
 
 
+def read_question_tsv(path: Path, keys: Sequence[str]) -> list[list[dict[str, Any]]]:
+    """A question TSV aligned row by row with an image TSV whose keys are `keys` ->
+    per row `[{"question": str, "question_id": int}, ...]`. An image may have no
+    questions (`[]`: a test-dev image of test2015), which is kept as an empty list."""
+    path = Path(path)
+    rows = list(iter_tsv(path))
+    if len(rows) != len(keys):
+        raise GitcapError(f"{path} has {len(rows)} rows but the image TSV has {len(keys)}; they must align row by row")
+    out = []
+    for i, (row, key) in enumerate(zip(rows, keys)):
+        if len(row) != 2:
+            raise GitcapError(f"{path}: row {i} has {len(row)} cells; a question row is key<TAB>[...]")
+        if row[0] != key:
+            raise GitcapError(f"{path}: row {i} has key {row[0]!r} but the image TSV's row {i} has {key!r}")
+        where = f"{path}: row {i} (key {key!r})"
+        items = parse_json_cell(row[1], where=where)
+        if not isinstance(items, list):
+            raise GitcapError(f'{where}: expected [{{"question": "...", "question_id": N}}, ...]')
+        for q in items:
+            if not isinstance(q, dict) or not isinstance(q.get("question"), str) \
+                    or isinstance(q.get("question_id"), bool) or not isinstance(q.get("question_id"), int):
+                raise GitcapError(f'{where}: each question needs "question" (text) and "question_id" (integer)')
+        out.append(items)
+    return out
+
+
 def read_vqa_result_tsv(path: Path) -> list[dict[str, Any]]:
     """VQA results -> [{"question_id": int, "answer": str}, ...], in file order.
 
