@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from gitcli.config import GenerationConfig
-from gitcli.data.images import open_rgb
+from gitcli.data.images import MAX_PIXELS, open_rgb
 from gitcli.dist import resolve_device, resolve_precision
 from gitcli.errors import GitcapError
 from gitcli.generate import Generation, generate_for_images
@@ -64,7 +64,8 @@ def _batches(items: list, size: int) -> Iterator[list]:
 @torch.no_grad()
 def run_on_images(model, device: torch.device, precision: str, images: list[Path],
                   questions: list[str | None], gen: GenerationConfig, batch_size: int,
-                  on_result: Callable[[ImageResult], None] | None = None) -> list[ImageResult]:
+                  on_result: Callable[[ImageResult], None] | None = None,
+                  max_pixels: int = MAX_PIXELS) -> list[ImageResult]:
     """Decode images (with their question, or None for a caption) in batches.
 
     A file that cannot be read is reported in its result and skipped; the rest still run.
@@ -76,7 +77,7 @@ def run_on_images(model, device: torch.device, precision: str, images: list[Path
         tensors, kept = [], []
         for path, question in chunk:
             try:
-                tensors.append(transform(open_rgb(path)))
+                tensors.append(transform(open_rgb(path, max_pixels=max_pixels)))
                 kept.append((path, question))
             except GitcapError as exc:
                 result = ImageResult(str(path), question, None, str(exc))

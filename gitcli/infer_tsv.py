@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from gitcli.config import GenerationConfig
-from gitcli.data.images import open_rgb
+from gitcli.data.images import MAX_PIXELS, open_rgb
 from gitcli.dist import barrier, init_distributed
 from gitcli.errors import GitcapError
 from gitcli.formats.coco import write_coco_results, write_vqa_submission
@@ -115,7 +115,7 @@ def output_lock(out: Path, rank: int | None = None) -> OutputLock:
 def infer_tsv(model, device: torch.device, precision: str, images: Path, out: Path, gen: GenerationConfig, *,
               questions: Path | None = None, batch_size: int = 32, coco_json: Path | None = None,
               rank: int | None = None, world: int | None = None, progress: bool = False,
-              overwrite: bool = False, lock: bool = True) -> TsvInferenceReport:
+              overwrite: bool = False, lock: bool = True, max_pixels: int = MAX_PIXELS) -> TsvInferenceReport:
     """Decode every row of `images` that no earlier run finished into `out`.
 
     `rank`/`world` default to this process's place in the torchrun job (one process: 0/1).
@@ -128,12 +128,13 @@ def infer_tsv(model, device: torch.device, precision: str, images: Path, out: Pa
         rank, world = init_distributed(device.type)
     with output_lock(out, rank) if lock else contextlib.nullcontext():
         return _infer_tsv(model, precision, Path(images), Path(out), gen, questions=questions, batch_size=batch_size,
-                          coco_json=coco_json, rank=rank, world=world, progress=progress, overwrite=overwrite)
+                          coco_json=coco_json, rank=rank, world=world, progress=progress, overwrite=overwrite,
+                          max_pixels=max_pixels)
 
 
 def _infer_tsv(model, precision: str, images: Path, out: Path, gen: GenerationConfig, *, questions: Path | None,
                batch_size: int, coco_json: Path | None, rank: int, world: int, progress: bool,
-               overwrite: bool) -> TsvInferenceReport:
+               overwrite: bool, max_pixels: int) -> TsvInferenceReport:
     out.parent.mkdir(parents=True, exist_ok=True)
     with TsvFile(images) as tsv:
         keys = tsv.keys()
@@ -170,7 +171,7 @@ def _infer_tsv(model, precision: str, images: Path, out: Path, gen: GenerationCo
                         results[r] = []
                         continue
                     try:
-                        image = transform(_image_of(tsv[r], images, r))
+                        image = transform(_image_of(tsv[r], images, r, max_pixels))
                     except GitcapError as exc:
                         report.failed.append((r, keys[r], str(exc)))
                         continue
@@ -206,10 +207,10 @@ def _infer_tsv(model, precision: str, images: Path, out: Path, gen: GenerationCo
     return report
 
 
-def _image_of(cells: list[str], images: Path, row: int):
+def _image_of(cells: list[str], images: Path, row: int, max_pixels: int):
     if len(cells) < 2:
         raise GitcapError("no image cell")
-    return open_rgb(decode_image(cells[1], where=f"{images}: row {row}"), name=f"row {row}")
+    return open_rgb(decode_image(cells[1], where=f"{images}: row {row}"), name=f"row {row}", max_pixels=max_pixels)
 
 
 def _write_results_json(path: Path, rows: list[tuple[str, str]], vqa: bool) -> None:

@@ -10,6 +10,7 @@ import typer
 from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt,
                                MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt, console,
                                out_console, output_file, user_errors)
+from gitcli.cli.image_commands import MAX_PIXELS_DEFAULT, MaxPixelsOpt
 
 
 @user_errors
@@ -31,6 +32,7 @@ def infer_tsv(
     dtype: DtypeOpt = "auto",
     precision: PrecisionOpt = None,
     seed: SeedOpt = 0,
+    max_pixels: MaxPixelsOpt = MAX_PIXELS_DEFAULT,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard the rows an earlier run wrote to --out and start over (a rerun otherwise resumes them, and refuses when the model, decoding options or inputs changed).")] = False,
 ) -> None:
     """Caption (or answer the questions of) every image of a GIT TSV; rerun to resume.
@@ -58,7 +60,8 @@ def infer_tsv(
     with output_lock(out):  # before the model loads: a second command into --out is refused at once
         model, dev, prec = load_model(checkpoint, preset, runtime)
         report = run(model, dev, prec, images, out, gen, questions=questions, batch_size=batch_size,
-                     coco_json=coco_json, progress=True, overwrite=overwrite, lock=False)
+                     coco_json=coco_json, progress=True, overwrite=overwrite, lock=False,
+                     max_pixels=max_pixels)
     for row, key, reason in report.failed:
         console.print(f"[bold red]error:[/] row {row} (key {key}): {reason}")
     if report.merged:  # rank 0 of a torchrun job, or the only process
