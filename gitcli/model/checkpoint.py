@@ -133,9 +133,17 @@ def read_checkpoint_config(path: str | Path) -> tuple[Path, ModelConfig, dict]:
     meta = read_json(ckpt / CONFIG_FILE, what=f"{ckpt / CONFIG_FILE}")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise GitcapError(f"{ckpt} is not a gitcap checkpoint ({CONFIG_FILE} has no gitcap format marker)")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise GitcapError(f"{ckpt / CONFIG_FILE}: field 'format_version' must be int, not {version!r}")
+    if version > FORMAT_VERSION:
         raise GitcapError(f"{ckpt} was written by a newer gitcap ({meta.get('gitcap_version')}); upgrade gitcap")
-    config = from_dict(ModelConfig, meta.get("model"), what=f"{ckpt / CONFIG_FILE} model config")
+    what = f"{ckpt / CONFIG_FILE} model config"
+    config = from_dict(ModelConfig, meta.get("model"), what=what)
+    try:
+        config.validate()  # before anything is built from it: the file may come from anyone
+    except GitcapError as exc:
+        raise GitcapError(f"{what}: {exc}") from None
     return ckpt, config, meta
 
 
