@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from gitcli.config import GenerationConfig
+from gitcli.generate.compat import cache_argument
 from gitcli.generate.inputs import prepare_inputs, prompts_for
 
 NEG = -1.0e9
@@ -59,7 +60,7 @@ def _static_state(lm, prefill, rows: int, length: int, device, config: Generatio
 
 def _step(lm, cache, mask, positions, *, embeds=None, ids=None):
     out = lm(inputs_embeds=embeds, input_ids=ids, attention_mask=mask, position_ids=positions,
-             past_key_values=cache, use_cache=True, logits_to_keep=1)
+             use_cache=True, logits_to_keep=1, **{cache_argument(lm): cache})
     return out.logits[:, -1].float()  # (rows, V)
 
 

@@ -21,6 +21,7 @@ from gitcli.config import ModelConfig, from_dict, read_json, to_dict, write_json
 from gitcli.errors import GitcapError
 from gitcli.formats.atomic import atomic_dir, write_text
 from gitcli.model.captioner import Captioner, build_captioner
+from gitcli.model.quiet import quiet_libraries
 
 FORMAT = "gitcap-checkpoint"
 FORMAT_VERSION = 1
@@ -84,13 +85,6 @@ def saved_parameters(captioner: Captioner) -> list[torch.nn.Parameter]:
     return params
 
 
-def _quiet_transformers() -> None:
-    """transformers draws a progress bar for every tiny save/load; gitcap shows its own."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def save_checkpoint(captioner: Captioner, directory: str | Path, extra: dict | None = None,
                     also_write: Callable[[Path], None] | None = None) -> Path:
     """Write atomically: into a temporary sibling, then rename over `directory`.
@@ -98,7 +92,7 @@ def save_checkpoint(captioner: Captioner, directory: str | Path, extra: dict | N
     `also_write(tmp_dir)` adds files (a training run's resume state) before the rename,
     so the checkpoint and its state appear together or not at all.
     """
-    _quiet_transformers()
+    quiet_libraries()
     directory = Path(directory)
     with atomic_dir(directory) as tmp:  # every file fsynced before the rename publishes it
         if also_write is not None:
@@ -160,7 +154,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
                     int8: bool | None = None) -> Captioner:
     """Rebuild exactly the saved model. `dtype`/`int8` override how frozen weights are held."""
     ckpt, config, _ = read_checkpoint_config(path)
-    _quiet_transformers()
+    quiet_libraries()
     if dtype is not None:
         config.dtype = dtype
     if int8 is not None:
