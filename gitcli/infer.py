@@ -62,11 +62,12 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 
 @torch.no_grad()
-def run_on_images(model, device: torch.device, precision: str, images: list[Path],
+def run_on_images(model, precision: str, images: list[Path],
                   questions: list[str | None], gen: GenerationConfig, batch_size: int,
                   on_result: Callable[[ImageResult], None] | None = None,
                   max_pixels: int = MAX_PIXELS) -> list[ImageResult]:
-    """Decode images (with their question, or None for a caption) in batches.
+    """Decode images (with their question, or None for a caption) in batches, on the
+    model's device.
 
     A file that cannot be read is reported in its result and skipped; the rest still run.
     """

@@ -31,7 +31,7 @@ def run_and_print(images: list[Path], questions: list[str | None], *, checkpoint
         questions = questions * len(paths)
     runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision)
     with console.status("loading model"):
-        model, dev, prec = load_model(checkpoint, preset, runtime)
+        model, _, prec = load_model(checkpoint, preset, runtime)
     if preset is not None:
         console.print(f"[yellow]note:[/] the {preset} preset is untrained here: expect random words")
     several = len(paths) > 1
@@ -54,6 +54,6 @@ def run_and_print(images: list[Path], questions: list[str | None], *, checkpoint
         else:
             print_out(f"{result.image}\t{text}" if several else text)
 
-    run_on_images(model, dev, prec, paths, questions, gen, batch_size, on_result=show, max_pixels=max_pixels)
+    run_on_images(model, prec, paths, questions, gen, batch_size, on_result=show, max_pixels=max_pixels)
     if failures:
         raise typer.Exit(1)
