@@ -26,7 +26,7 @@ import torch
 
 from gitcli.config import GenerationConfig
 from gitcli.data.images import MAX_PIXELS, open_rgb
-from gitcli.dist import barrier, init_distributed
+from gitcli.dist import all_reduce_mean, barrier, init_distributed
 from gitcli.errors import GitcapError
 from gitcli.formats.coco import write_coco_results, write_vqa_submission
 from gitcli.formats.lock import OutputLock, lock_for_file
@@ -75,12 +75,27 @@ def _finished_rows(out: Path, keys: list[str]) -> dict[int, tuple[str, str]]:
     return done
 
 
-def _claim(out: Path, record: dict) -> None:
-    """Refuse rows from other inputs; record ours when nothing is recorded yet."""
+def _claim(out: Path, record: dict, *, rank: int, overwrite: bool, device: torch.device) -> None:
+    """Refuse rows from other inputs; record ours when nothing is recorded yet.
+
+    Every rank reaches the same verdict from the same files, and they agree on it before
+    any of them stops: a rank that raised alone would leave the others in a collective,
+    to die there with a traceback.
+    """
+    if rank == 0 and overwrite:  # before any rank reads the rows it discards
+        _discard(out)
+    barrier()
     has_rows = out.exists() or any(p.stat().st_size for p in out.parent.glob(f"{out.name}.partial-*.tsv"))
-    check_provenance(out, record, has_rows=has_rows)
-    if not provenance_path(out).exists():
+    refusal = None
+    try:
+        check_provenance(out, record, has_rows=has_rows)
+    except GitcapError as exc:
+        refusal = exc
+    if all_reduce_mean(float(refusal is not None), device) > 0:
+        raise refusal or GitcapError(f"another rank refused to add rows to {out}; see its message")
+    if not provenance_path(out).exists():  # rank 0 first under torchrun; the same record from any rank
         write_provenance(out, record)
+    barrier()
 
 
 def _discard(out: Path) -> None:
@@ -127,14 +142,14 @@ def infer_tsv(model, device: torch.device, precision: str, images: Path, out: Pa
     if rank is None or world is None:
         rank, world = init_distributed(device.type)
     with output_lock(out, rank) if lock else contextlib.nullcontext():
-        return _infer_tsv(model, precision, Path(images), Path(out), gen, questions=questions, batch_size=batch_size,
-                          coco_json=coco_json, rank=rank, world=world, progress=progress, overwrite=overwrite,
-                          max_pixels=max_pixels)
+        return _infer_tsv(model, device, precision, Path(images), Path(out), gen, questions=questions,
+                          batch_size=batch_size, coco_json=coco_json, rank=rank, world=world, progress=progress,
+                          overwrite=overwrite, max_pixels=max_pixels)
 
 
-def _infer_tsv(model, precision: str, images: Path, out: Path, gen: GenerationConfig, *, questions: Path | None,
-               batch_size: int, coco_json: Path | None, rank: int, world: int, progress: bool,
-               overwrite: bool, max_pixels: int) -> TsvInferenceReport:
+def _infer_tsv(model, device: torch.device, precision: str, images: Path, out: Path, gen: GenerationConfig, *,
+               questions: Path | None, batch_size: int, coco_json: Path | None, rank: int, world: int,
+               progress: bool, overwrite: bool, max_pixels: int) -> TsvInferenceReport:
     out.parent.mkdir(parents=True, exist_ok=True)
     with TsvFile(images) as tsv:
         keys = tsv.keys()
@@ -143,14 +158,8 @@ def _infer_tsv(model, precision: str, images: Path, out: Path, gen: GenerationCo
         question_rows = read_question_tsv(questions, keys) if questions is not None else None
         report = TsvInferenceReport(rows=len(keys))
 
-        record = describe_run(model, precision, gen, images, keys, questions)
-        if rank == 0:  # first, so that the other ranks never read rows it is about to discard
-            if overwrite:
-                _discard(out)
-            _claim(out, record)
-        barrier()
-        if rank != 0:
-            _claim(out, record)
+        _claim(out, describe_run(model, precision, gen, images, keys, questions), rank=rank, overwrite=overwrite,
+               device=device)
 
         done = _finished_rows(out, keys)
         todo = [r for r in range(len(keys)) if r % world == rank and r not in done]
