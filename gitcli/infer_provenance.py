@@ -62,9 +62,10 @@ def difference(old: dict, new: dict) -> str | None:
     old_model, new_model = old.get("model") or {}, new["model"]
     if _checkpoint_key(old_model.get("origin")) != _checkpoint_key(new_model["origin"]):
         return f"another model ({_model_name(old_model.get('origin'))} then, {_model_name(new_model['origin'])} now)"
-    if old_model.get("config") != new_model["config"]:
-        changed = sorted(k for k in new_model["config"] if (old_model.get("config") or {}).get(k) != new_model["config"][k])
-        return f"another model configuration ({', '.join(changed) or 'its fields'} differ: e.g. --dtype)"
+    old_config = old_model.get("config") or {}
+    for name, value in new_model["config"].items():
+        if old_config.get(name) != value:  # the checkpoint is the same: an override such as --dtype
+            return f"another model configuration ({name} {old_config.get(name)} then, {value} now)"
     old_dec, new_dec = old.get("decoding") or {}, new["decoding"]
     for name, value in new_dec.items():
         if old_dec.get(name) != value:
@@ -101,7 +102,11 @@ def check_provenance(out: Path, record: dict, *, has_rows: bool) -> None:
                               "they may come from another model or options; pass --overwrite to start over, or "
                               "choose another --out")
         return
-    why = difference(read_json(path, what=f"infer-tsv provenance record {path}"), record)
+    try:
+        old = read_json(path, what=f"infer-tsv provenance record {path}")
+    except GitcapError as exc:
+        raise GitcapError(f"{exc}; pass --overwrite to start over, or choose another --out") from None
+    why = difference(old if isinstance(old, dict) else {}, record)
     if why is not None:
         raise GitcapError(f"{out} holds rows made with {why}; pass --overwrite to start over, "
                           "or choose another --out")

@@ -238,3 +238,14 @@ def test_cli_summary_on_stdout_and_out_checked_before_work(tiny_checkpoint, imag
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "new" / "res.tsv"), "--coco-json", str(tmp_path / "adir")])
     assert result.exit_code == 2 and "--coco-json" in result.output
     assert not (tmp_path / "new" / "res.tsv").exists()
+
+
+def test_a_dtype_override_or_a_broken_record_is_refused_too(model, image_tsv, tmp_path, tiny_checkpoint):
+    out = tmp_path / "res.tsv"
+    _run(model, image_tsv, out)
+    bf16 = load_checkpoint(tiny_checkpoint, dtype="bf16").eval()
+    with pytest.raises(GitcapError, match="another model configuration \\(dtype auto then, bf16 now\\)"):
+        _run(bf16, image_tsv, out)
+    (tmp_path / "res.tsv.provenance.json").write_text("{not json")
+    with pytest.raises(GitcapError, match="not valid JSON.*--overwrite"):
+        _run(model, image_tsv, out)
