@@ -39,6 +39,8 @@ LM_ALIASES = {
 }
 
 MAPPINGS = ("linear", "linear-ln", "mlp", "transformer")
+# Far above any real model, low enough that a hostile gitcap.json cannot ask for terabytes.
+MAX_PREFIX_LENGTH, MAX_MAPPING_LAYERS, MAX_LORA_RANK = 1024, 64, 4096
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRESETS = ("tiny",)
@@ -47,6 +49,17 @@ PRESETS = ("tiny",)
 # checkpoint, so they are always saved whole.
 TINY_VISION = "gitcap-tiny-vit"
 TINY_LM = "gitcap-tiny-lm"
+# The tiny preset's word-level vocabulary: every word of the built-in synthetic set
+# (gitcli.data.synthetic draws its scenes' words from it). It sits here, below both
+# `model` (which builds the tokenizer from it) and `data`, which may not import each other.
+TINY_VOCABULARY = (
+    "red", "green", "blue", "yellow", "purple", "white",  # colours
+    "circle", "square", "triangle",  # shapes
+    "left", "middle", "right",  # columns
+    "zero", "one", "two", "three",  # counts
+    "a", "on", "the", "in", "and", "shapes", "how", "many", "are", "there", "what",
+    "color", "is", "shape", "where", "yes", "no", "?", "question", ":", "answer",
+)
 
 DEFAULT_QUESTION_TEMPLATE = "Question: {question} Answer:"
 
@@ -107,8 +120,17 @@ class ModelConfig:
             raise GitcapError("the transformer mapping needs at least one layer")
         if self.lora_rank < 0:
             raise GitcapError("--lora must be a positive rank")
-        if "{question}" not in self.question_template:
-            raise GitcapError("the question template must contain {question}")
+        if self.prefix_length > MAX_PREFIX_LENGTH or self.mapping_layers > MAX_MAPPING_LAYERS:
+            raise GitcapError(f"--prefix-length is at most {MAX_PREFIX_LENGTH} and the mapping at most "
+                              f"{MAX_MAPPING_LAYERS} layers deep")
+        if self.lora_rank > MAX_LORA_RANK:
+            raise GitcapError(f"--lora takes a rank of at most {MAX_LORA_RANK}")
+        # The template is filled by plain replacement, never str.format: a placeholder such as
+        # {question.__class__} or {question:>99999} could read attributes or build a huge prompt.
+        rest = self.question_template.replace("{question}", "")
+        if "{question}" not in self.question_template or "{" in rest or "}" in rest:
+            raise GitcapError("the question template must contain the placeholder {question} and no other braces, "
+                              f"not {self.question_template[:80]!r}")
 
     def validate_for_training(self) -> None:
         """What only matters when weights are about to train."""
@@ -178,7 +200,32 @@ def from_dict(cls: type, data: dict[str, Any], *, what: str = "config") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise GitcapError(f"{what} has unknown fields: {', '.join(unknown)}")
+    check_field_types(cls, data, what=what)
     return cls(**data)
+
+
+_JSON_TYPES = {  # annotation name -> test; bool is not an int here, though Python says it is
+    "str": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "None": lambda v: v is None,
+}
+
+
+def check_field_types(cls: type, data: dict[str, Any], *, what: str) -> None:
+    """Refuse a value whose JSON type is not the field's (`"grid": "yes"`, `"lm": [...]`), in
+    one line naming the field: a file from elsewhere must not reach code that trusts types."""
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        allowed = [name.strip() for name in str(f.type).split("|")]
+        if any(name not in _JSON_TYPES for name in allowed):
+            continue  # a type JSON cannot spell plainly: left to the field's own checks
+        value = data[f.name]
+        if not any(_JSON_TYPES[name](value) for name in allowed):
+            expected = " or ".join("null" if name == "None" else name for name in allowed)
+            raise GitcapError(f"{what}: field {f.name!r} must be {expected}, not {json.dumps(value)[:60]}")
 
 
 def write_json(path: Path, data: Any) -> None:

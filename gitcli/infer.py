@@ -9,10 +9,10 @@ from typing import Callable, Iterator
 import torch
 
 from gitcli.config import GenerationConfig
-from gitcli.data.images import open_rgb
-from gitcli.dist import autocast, resolve_device, resolve_precision
+from gitcli.data.images import MAX_PIXELS, open_rgb
+from gitcli.dist import resolve_device, resolve_precision
 from gitcli.errors import GitcapError
-from gitcli.generate import Generation, generate
+from gitcli.generate import Generation, generate_for_images
 
 
 @dataclass
@@ -22,7 +22,6 @@ class RuntimeOptions:
     device: str = "auto"
     dtype: str | None = None  # override the checkpoint's storage dtype
     precision: str | None = None
-    batch_size: int = 16
 
 
 def load_model(checkpoint: Path | None, preset: str | None, runtime: RuntimeOptions):
@@ -36,12 +35,11 @@ def load_model(checkpoint: Path | None, preset: str | None, runtime: RuntimeOpti
     if checkpoint is not None:
         model = load_checkpoint(checkpoint, device=device, dtype=runtime.dtype)
     elif preset == "tiny":
-        from gitcli.data.synthetic import vocabulary
         from gitcli.model.captioner import build_captioner
         from gitcli.model.tiny import tiny_model_config
 
         torch.manual_seed(0)
-        model = build_captioner(tiny_model_config(dtype=runtime.dtype or "auto"), device=device, vocabulary=vocabulary())
+        model = build_captioner(tiny_model_config(dtype=runtime.dtype or "auto"), device=device)
     elif preset is not None:
         raise GitcapError(f"unknown preset {preset!r}; the built-in preset is: tiny")
     else:
@@ -64,23 +62,23 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 
 @torch.no_grad()
-def run_on_images(model, device: torch.device, precision: str, images: list[Path],
+def run_on_images(model, precision: str, images: list[Path],
                   questions: list[str | None], gen: GenerationConfig, batch_size: int,
-                  on_result: Callable[[ImageResult], None] | None = None) -> list[ImageResult]:
-    """Decode images (with their question, or None for a caption) in batches.
+                  on_result: Callable[[ImageResult], None] | None = None,
+                  max_pixels: int = MAX_PIXELS) -> list[ImageResult]:
+    """Decode images (with their question, or None for a caption) in batches, on the
+    model's device.
 
     A file that cannot be read is reported in its result and skipped; the rest still run.
     """
     gen.validate()
     transform = model.image_transform()
-    from gitcli.data.text import prompt_text
-
     results: list[ImageResult] = []
     for chunk in _batches(list(zip(images, questions)), batch_size):
         tensors, kept = [], []
         for path, question in chunk:
             try:
-                tensors.append(transform(open_rgb(path)))
+                tensors.append(transform(open_rgb(path, max_pixels=max_pixels)))
                 kept.append((path, question))
             except GitcapError as exc:
                 result = ImageResult(str(path), question, None, str(exc))
@@ -89,10 +87,7 @@ def run_on_images(model, device: torch.device, precision: str, images: list[Path
                     on_result(result)
         if not kept:
             continue
-        pixels = torch.stack(tensors).to(device)
-        prompts = [prompt_text(model.config, q) for _, q in kept]
-        with autocast(precision, device):
-            outs = generate(model, pixels, prompts, gen)
+        outs = generate_for_images(model, torch.stack(tensors), [q for _, q in kept], gen, precision=precision)
         for (path, question), out in zip(kept, outs):
             result = ImageResult(str(path), question, out)
             results.append(result)

@@ -125,3 +125,32 @@ def test_bad_options_are_one_line(tiny_checkpoint, tmp_path, scene_images):
     line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "x.png"), "-c", str(tiny_checkpoint),
                                                "--device", "cuda:7"]))
     assert "cuda" in line.lower()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixel data: what a decompression bomb's
+    header looks like (the real ones add a few hundred KB of zlib stream)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_images_over_the_pixel_limit_or_of_other_formats_are_refused_from_the_header(tiny_checkpoint, scene_images,
+                                                                                    tmp_path):
+    """60 MP is under Pillow's own bomb limit (it would be decoded, a GB and more); the
+    limit is fetch's 50 MP, read from the header; --max-pixels moves it."""
+    (tmp_path / "big.png").write_bytes(_png_header_only(10_000, 6_000))
+    line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "big.png"), "-c", str(tiny_checkpoint)]))
+    assert "10000x6000" in line and "50000000 pixels" in line
+    scene_images[0].save(tmp_path / "small.png")
+    line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "small.png"), "-c", str(tiny_checkpoint),
+                                               "--max-pixels", "1000"]))
+    assert "more than the limit of 1000 pixels" in line
+    scene_images[0].save(tmp_path / "scene.ppm")  # Pillow reads PPM (and EPS, PSD, ...); a photo is none of them
+    line = _one_error_line(runner.invoke(app, ["caption", str(tmp_path / "scene.ppm"), "-c", str(tiny_checkpoint)]))
+    assert "is not an image" in line

@@ -28,6 +28,31 @@ def test_round_trip_unicode_and_large_rows(tmp_path):
     assert tsv.read_caption_tsv(tmp_path / "c.tsv") == {"k0": UNICODE_CAPTIONS}
 
 
+def test_keys_read_only_the_key_cells(tmp_path):
+    """keys() never reads an image cell: cells that are not even UTF-8 do not disturb it,
+    and far fewer bytes are read than the file holds. Long keys and key-only rows too."""
+    path = tmp_path / "img.tsv"
+    long_key = "k" * 1000  # longer than one read
+    path.write_bytes(b"a\t\xff\xfe" + b"x" * 100_000 + b"\n" + long_key.encode() + b"\tyy\nlast\r\n")
+    with tsv.TsvFile(path) as f:
+        real = f._f
+        read = []
+
+        class Counting:
+            def seek(self, pos):
+                return real.seek(pos)
+
+            def read(self, n=-1):
+                data = real.read(n)
+                read.append(len(data))
+                return data
+
+        f._f = Counting()
+        assert f.keys() == ["a", long_key, "last"]
+        assert sum(read) < 5_000
+        f._f = real
+
+
 def test_both_line_indexes_hold_the_byte_offsets(tmp_path):
     path = tmp_path / "x.tsv"
     rows = [["é", "ü" * 3], ["b", "x"], ["c", "🍰"]]

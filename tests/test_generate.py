@@ -110,3 +110,59 @@ def test_sampling_is_seeded_and_top_p_one_token_is_greedy(tiny_captioner, scene_
     tiny = generate(tiny_captioner, px, PROMPTS[:3], GenerationConfig(temperature=1.0, top_p=1e-6, seed=3))
     greedy = generate(tiny_captioner, px, PROMPTS[:3], GenerationConfig())
     assert [g.token_ids for g in tiny] == [g.token_ids for g in greedy]
+
+
+@pytest.mark.slow  # a fresh process that trains a step and decodes: ~10 s idle, more under load
+def test_a_training_step_and_a_decode_print_no_library_warnings(tmp_path, scene_images):
+    """What a user sees from `gitcap train` and `gitcap caption` on a CPU machine with the
+    installed libraries: no transformers FutureWarning per decoded token, no DeepSpeed
+    accelerator notice (DeepSpeed gets imported by transformers' save_pretrained). A fresh
+    process, since both messages appear once per process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scene_images[0].save(tmp_path / "scene.png")
+    run = tmp_path / "run"
+    code = (
+        "import sys; from gitcli.cli import app\n"
+        "for args in (sys.argv[1:16], sys.argv[16:]):\n"
+        "    try:\n"
+        "        app(args, prog_name='gitcap')\n"
+        "    except SystemExit as exc:\n"
+        "        assert not exc.code, exc.code\n"
+    )
+    train = ["train", "--preset", "tiny", "--data", "synthetic", "--synthetic-size", "16", "--batch-size", "4",
+             "--max-steps", "1", "--device", "cpu", "--output-dir", str(run)]
+    caption = ["caption", str(tmp_path / "scene.png"), "-c", str(run), "--device", "cpu", "--max-new-tokens", "4"]
+    assert len(train) == 15
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONWARNINGS": "default"}
+    result = subprocess.run([sys.executable, "-c", code, *train, *caption], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert (run / "latest").is_file()  # the run saved, so save_pretrained ran
+    assert "past_key_values" not in output and "FutureWarning" not in output
+    assert "Setting accelerator" not in output and "[WARNING]" not in output
+
+
+def test_decoding_uses_the_cache_argument_the_installed_transformers_takes(tiny_captioner, scene_images):
+    """No FutureWarning from any decoding path with this transformers; an LM whose forward
+    knows only the old name (transformers before the rename) still gets its cache."""
+    import warnings
+
+    from gitcli.generate.compat import cache_argument
+
+    class OldLM(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None):
+            return None
+
+    assert cache_argument(OldLM()) == "past_key_values"
+    px, _, _ = _inputs(tiny_captioner, scene_images[:3], PROMPTS[:3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for cfg in (GenerationConfig(max_new_tokens=3), GenerationConfig(max_new_tokens=3, beams=2),
+                    GenerationConfig(max_new_tokens=3, cache="static")):
+            assert len(generate(tiny_captioner, px, PROMPTS[:3], cfg)) == 3

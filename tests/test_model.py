@@ -1,6 +1,7 @@
 """The model stack: mappings, loss masking, 8-bit LM, checkpoints, real formats."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -222,3 +223,77 @@ def test_a_frozen_tower_stays_in_eval_mode_while_the_rest_trains(vocab):
     trained = build_captioner(tiny_model_config(), vocabulary=vocab).train()
     assert trained.vision.training
     assert not frozen.train(False).mapping.training
+
+
+def test_tiny_preset_builds_with_its_own_vocabulary_covering_every_synthetic_word(tiny_captioner):
+    """The one builder needs no vocabulary handed in for the tiny preset, builds the same
+    tokenizer as before (the conftest model hands the synthetic word list in), and no
+    synthetic caption, question or answer falls outside it."""
+    from gitcli.data.synthetic import make_scene
+    from gitcli.model.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    assert tok.get_vocab() == tiny_captioner.tokenizer.get_vocab()
+    built = build_captioner(tiny_model_config(train_lm=False))
+    assert built.tokenizer.get_vocab() == tok.get_vocab()
+    texts = []
+    for i in range(200):
+        scene = make_scene(7, i)
+        texts += scene.captions + [t for qa in scene.qa for t in qa]
+    ids = tok(" ".join(texts), add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+
+
+def test_model_and_data_do_not_import_each_other_and_no_one_builds_through_the_train_loop():
+    """The layering the tiny vocabulary had to respect, and the one public builder."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "gitcli"
+    for package, other in (("model", "data"), ("data", "model")):
+        for path in (root / package).glob("*.py"):
+            assert not re.search(rf"gitcli\.{other}\b", path.read_text()), f"{path} imports gitcli.{other}"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "_build_model" not in text or path.name == "loop.py", f"{path} uses the train loop's private builder"
+        if path.name != "memory.py":  # the dry run builds on the meta device, not through the builder yet
+            assert "synthetic import vocabulary" not in text, f"{path} builds the tiny vocabulary itself"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("question_template", "{question.__class__.__mro__}", "no other braces"),
+    ("question_template", "Q: {question:>100000} A:", "no other braces"),
+    ("question_template", "Q: {question} {other} A:", "no other braces"),
+    ("question_template", "Q: {{question}} A:", "no other braces"),
+    ("question_template", "no placeholder", "placeholder {question}"),
+    ("prefix_length", "10", "field 'prefix_length' must be int"),
+    ("grid", "yes", "field 'grid' must be bool"),
+    ("lora_rank", True, "field 'lora_rank' must be int"),
+    ("vision", ["ViT-B-32"], "field 'vision' must be str"),
+    ("vision_pretrained", 3, "field 'vision_pretrained' must be str or null"),
+    ("prefix_length", 10**12, "at most"),
+    ("mapping_layers", 10**9, "at most"),
+])
+def test_a_hostile_gitcap_json_is_refused_in_one_line_naming_the_field(tiny_checkpoint, tmp_path, field, value,
+                                                                       message):
+    import shutil
+
+    from gitcli.model.checkpoint import read_checkpoint_config
+
+    ckpt = tmp_path / "sent"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    meta = json.loads((ckpt / "gitcap.json").read_text())
+    meta["model"][field] = value
+    (ckpt / "gitcap.json").write_text(json.dumps(meta))
+    with pytest.raises(GitcapError, match=re.escape(message)) as err:
+        read_checkpoint_config(ckpt)
+    assert "gitcap.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_question_template_is_filled_by_plain_replacement():
+    from gitcli.data.text import prompt_text
+
+    config = ModelConfig(question_template="Q: {question} A: ({question})")
+    config.validate()
+    assert prompt_text(config, " what is {0} or {question.__class__}? ") == \
+        "Q: what is {0} or {question.__class__}? A: (what is {0} or {question.__class__}?)"

@@ -72,9 +72,7 @@ def build_bench_model(cfg: BenchConfig, device: torch.device, compile_lm: bool =
     model_cfg.validate()
     torch.manual_seed(cfg.seed)
     if model_cfg.preset == "tiny":
-        from gitcli.data.synthetic import vocabulary
-
-        captioner = build_captioner(model_cfg, device=device, vocabulary=vocabulary())
+        captioner = build_captioner(model_cfg, device=device)
     else:
         config = lm_config(model_cfg.lm, layers=cfg.lm_layers)  # an unknown name fails before anything builds
         dtype = storage_dtype(model_cfg.dtype, device)

@@ -10,6 +10,7 @@ import typer
 from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt,
                                JsonOpt, MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt,
                                user_errors)
+from gitcli.cli.image_commands import MAX_PIXELS_DEFAULT, MaxPixelsOpt
 
 
 @user_errors
@@ -30,12 +31,13 @@ def ask(
     precision: PrecisionOpt = None,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
+    max_pixels: MaxPixelsOpt = MAX_PIXELS_DEFAULT,
 ) -> None:
     """Answer a question about an image.
 
     Example: gitcap ask dino.jpg "What is the dinosaur holding?" --checkpoint runs/vqa
     """
-    from gitcli.cli.decoding import run_and_print
+    from gitcli.cli.image_commands import run_and_print
     from gitcli.errors import GitcapError
 
     if not question.strip():
@@ -43,4 +45,4 @@ def ask(
     run_and_print([image], [question], checkpoint=checkpoint, preset=preset, device=device, dtype=dtype,
                   precision=precision, batch_size=batch_size, beams=beams, max_new_tokens=max_new_tokens,
                   temperature=temperature, top_p=top_p, seed=seed, cache=cache, compile=compile,
-                  as_json=json_out)
+                  as_json=json_out, max_pixels=max_pixels)

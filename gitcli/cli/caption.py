@@ -10,6 +10,7 @@ import typer
 from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt,
                                JsonOpt, MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt,
                                user_errors)
+from gitcli.cli.image_commands import MAX_PIXELS_DEFAULT, MaxPixelsOpt
 
 
 @user_errors
@@ -29,14 +30,15 @@ def caption(
     precision: PrecisionOpt = None,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
+    max_pixels: MaxPixelsOpt = MAX_PIXELS_DEFAULT,
 ) -> None:
     """Caption images: one line per image (path<TAB>caption when there are several).
 
     Example: gitcap caption photos/ --checkpoint runs/coco --beams 3
     """
-    from gitcli.cli.decoding import run_and_print
+    from gitcli.cli.image_commands import run_and_print
 
     run_and_print(images, [None], checkpoint=checkpoint, preset=preset, device=device, dtype=dtype,
                   precision=precision, batch_size=batch_size, beams=beams, max_new_tokens=max_new_tokens,
                   temperature=temperature, top_p=top_p, seed=seed, cache=cache, compile=compile,
-                  as_json=json_out)
+                  as_json=json_out, max_pixels=max_pixels)

@@ -42,9 +42,10 @@ def demo(
     from gitcli.data.sources import SyntheticImages, synthetic_records
     from gitcli.data.synthetic import make_scene
     from gitcli.errors import GitcapError
+    from gitcli.model.captioner import build_captioner
     from gitcli.model.checkpoint import load_checkpoint
     from gitcli.model.tiny import tiny_model_config
-    from gitcli.train.loop import _build_model, train
+    from gitcli.train.loop import train
     from gitcli.train.validate import evaluate_records
 
     if (output_dir / "latest").exists():
@@ -77,7 +78,7 @@ def demo(
 
     with console.status("scoring the untrained model"):
         torch.manual_seed(0)
-        untrained = _build_model(model_cfg, train_cfg, torch.device("cpu"), None)
+        untrained = build_captioner(model_cfg, device="cpu")  # what training starts from
         before = evaluate_records(untrained, held_records, images, refs, gen=gen, with_loss=False)
         del untrained
     result = train(model_cfg, data_cfg, train_cfg)

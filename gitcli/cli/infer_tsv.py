@@ -9,7 +9,8 @@ import typer
 
 from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt,
                                MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt, console,
-                               user_errors)
+                               out_console, output_file, user_errors)
+from gitcli.cli.image_commands import MAX_PIXELS_DEFAULT, MaxPixelsOpt
 
 
 @user_errors
@@ -31,46 +32,45 @@ def infer_tsv(
     dtype: DtypeOpt = "auto",
     precision: PrecisionOpt = None,
     seed: SeedOpt = 0,
+    max_pixels: MaxPixelsOpt = MAX_PIXELS_DEFAULT,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard the rows an earlier run wrote to --out and start over (a rerun otherwise resumes them, and refuses when the model, decoding options or inputs changed).")] = False,
 ) -> None:
     """Caption (or answer the questions of) every image of a GIT TSV; rerun to resume.
+
+    A rerun resumes only with the same checkpoint, decoding options and inputs (recorded in
+    OUT.provenance.json); anything else is refused: choose another --out, or --overwrite.
 
     Example: gitcap infer-tsv --images test.img.tsv --checkpoint runs/coco --out results.tsv --beams 3
     Several GPUs: torchrun --nproc_per_node 8 -m gitcli infer-tsv ... (rows are split, parts merged in order).
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
     from gitcli.config import GenerationConfig
-    from gitcli.dist import init_distributed, is_main_process
     from gitcli.infer import RuntimeOptions, load_model
     from gitcli.infer_tsv import infer_tsv as run
+    from gitcli.infer_tsv import output_lock
 
     gen = GenerationConfig(max_new_tokens=max_new_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed,
                            cache=cache, compile=compile)
     gen.validate()
-    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision,
-                             batch_size=batch_size)
-    model, dev, prec = load_model(checkpoint, preset, runtime)
-    rank, world = init_distributed(dev.type)
-    from gitcli.formats.tsv import read_lineidx
-
-    total = sum(1 for r in range(len(read_lineidx(images))) if r % world == rank)
-    with Progress(TextColumn("infer-tsv"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                  TimeRemainingColumn(), console=console, disable=not is_main_process()) as progress:
-        task = progress.add_task("rows", total=total)
+    output_file(out)
+    if coco_json is not None:
+        output_file(coco_json, option="--coco-json")
+    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision)
+    with output_lock(out):  # before the model loads: a second command into --out is refused at once
+        model, dev, prec = load_model(checkpoint, preset, runtime)
         report = run(model, dev, prec, images, out, gen, questions=questions, batch_size=batch_size,
-                     coco_json=coco_json, rank=rank, world=world,
-                     on_rows=lambda n: progress.advance(task, n))
-        progress.update(task, completed=total)
+                     coco_json=coco_json, progress=True, overwrite=overwrite, lock=False,
+                     max_pixels=max_pixels)
     for row, key, reason in report.failed:
         console.print(f"[bold red]error:[/] row {row} (key {key}): {reason}")
-    if is_main_process():
+    if report.merged:  # rank 0 of a torchrun job, or the only process
         table = Table(title=f"infer-tsv → {out}", show_header=False)
         table.add_row("image rows", str(report.rows))
         table.add_row("done earlier (skipped)", str(report.skipped))
         table.add_row("done now", str(report.written))
         table.add_row("outputs generated", str(report.outputs))
         table.add_row("failed rows", str(len(report.failed)))
-        console.print(table)
+        out_console.print(table)
     if report.failed:
         raise typer.Exit(1)

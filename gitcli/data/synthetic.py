@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
+from gitcli.config import TINY_VOCABULARY
+
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
     "yellow": (230, 210, 40), "purple": (140, 60, 180), "white": (245, 245, 245),
@@ -118,8 +120,6 @@ class SyntheticSet:
 
 
 def vocabulary() -> list[str]:
-    """Every word a synthetic caption, question or answer can contain."""
-    words = set(COLORS) | set(SHAPES) | set(COLUMNS) | set(NUMBERS)
-    words |= {"a", "on", "the", "in", "and", "shapes", "how", "many", "are", "there", "what",
-              "color", "is", "shape", "where", "yes", "no", "?", "question", ":", "answer"}
-    return sorted(words)
+    """Every word a synthetic caption, question or answer can contain: the tiny preset's
+    vocabulary (gitcli.config.TINY_VOCABULARY), which the scenes' words must stay within."""
+    return sorted(TINY_VOCABULARY)

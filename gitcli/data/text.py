@@ -18,7 +18,8 @@ def prompt_text(config: ModelConfig, question: str | None) -> str:
     """The text between the image prefix and the output."""
     if question is None:
         return config.caption_prompt
-    return config.question_template.format(question=question.strip())
+    # plain replacement: the template's only placeholder is {question} (ModelConfig.validate)
+    return config.question_template.replace("{question}", question.strip())
 
 
 def target_text(prompt: str, target: str) -> str:

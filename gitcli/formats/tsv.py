@@ -25,6 +25,9 @@ from gitcli.errors import GitcapError
 from gitcli.formats.atomic import atomic_file, write_bytes
 
 
+KEY_READ = 256  # bytes read at a time while looking for the end of a row's key
+
+
 def lineidx_path(path: Path) -> Path:
     return Path(f"{path}.lineidx")
 
@@ -193,7 +196,20 @@ class TsvFile:
             yield self[i]
 
     def keys(self) -> list[str]:
-        return [self[i][0] for i in range(len(self))]
+        """The first cell of every row, reading only as far as its first tab: an image TSV's
+        base64 cells (most of its bytes) are never read or decoded."""
+        return [self.key(i) for i in range(len(self))]
+
+    def key(self, row: int) -> str:
+        self._f.seek(self.offsets[row])
+        head = b""
+        while True:
+            chunk = self._f.read(KEY_READ)
+            head += chunk
+            end = min((i for i in (head.find(b"\t"), head.find(b"\n")) if i >= 0), default=-1)
+            if end >= 0 or not chunk:
+                break
+        return _split(head if end < 0 else head[:end], self.path, row)[0]
 
     def close(self) -> None:
         self._f.close()
@@ -225,6 +241,32 @@ def read_caption_tsv(path: Path) -> dict[str, list[str]]:
         if key in out:
             raise GitcapError(f"{where}: key {key!r} appears twice")
         out[key] = [d["caption"] for d in value]
+    return out
+
+
+def read_question_tsv(path: Path, keys: Sequence[str]) -> list[list[dict[str, Any]]]:
+    """A question TSV aligned row by row with an image TSV whose keys are `keys` ->
+    per row `[{"question": str, "question_id": int}, ...]`. An image may have no
+    questions (`[]`: a test-dev image of test2015), which is kept as an empty list."""
+    path = Path(path)
+    rows = list(iter_tsv(path))
+    if len(rows) != len(keys):
+        raise GitcapError(f"{path} has {len(rows)} rows but the image TSV has {len(keys)}; they must align row by row")
+    out = []
+    for i, (row, key) in enumerate(zip(rows, keys)):
+        if len(row) != 2:
+            raise GitcapError(f"{path}: row {i} has {len(row)} cells; a question row is key<TAB>[...]")
+        if row[0] != key:
+            raise GitcapError(f"{path}: row {i} has key {row[0]!r} but the image TSV's row {i} has {key!r}")
+        where = f"{path}: row {i} (key {key!r})"
+        items = parse_json_cell(row[1], where=where)
+        if not isinstance(items, list):
+            raise GitcapError(f'{where}: expected [{{"question": "...", "question_id": N}}, ...]')
+        for q in items:
+            if not isinstance(q, dict) or not isinstance(q.get("question"), str) \
+                    or isinstance(q.get("question_id"), bool) or not isinstance(q.get("question_id"), int):
+                raise GitcapError(f'{where}: each question needs "question" (text) and "question_id" (integer)')
+        out.append(items)
     return out
 
 

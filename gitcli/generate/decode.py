@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from gitcli.config import GenerationConfig
-from gitcli.data.text import encode_prompts
+from gitcli.generate.compat import cache_argument
+from gitcli.generate.inputs import prepare_inputs, prompts_for
 
 NEG = -1.0e9
 
@@ -59,22 +60,23 @@ def _static_state(lm, prefill, rows: int, length: int, device, config: Generatio
 
 def _step(lm, cache, mask, positions, *, embeds=None, ids=None):
     out = lm(inputs_embeds=embeds, input_ids=ids, attention_mask=mask, position_ids=positions,
-             past_key_values=cache, use_cache=True, logits_to_keep=1)
+             use_cache=True, logits_to_keep=1, **{cache_argument(lm): cache})
     return out.logits[:, -1].float()  # (rows, V)
 
 
 @torch.no_grad()
 def generate(captioner, pixel_values: torch.Tensor, prompts: list[str] | None, config: GenerationConfig,
              prefix: torch.Tensor | None = None) -> list[Generation]:
-    """Generate one output per image. `prompts[i]` is the text after image i's prefix."""
+    """Generate one output per image. `prompts[i]` is the text after image i's prefix
+    (None: every image gets the caption prompt). Runs in the caller's autocast; most
+    callers want `generate_for_images`, which builds the prompts from questions."""
     config.validate()
     lm, tokenizer = captioner.lm, captioner.tokenizer
     if prefix is None:
         prefix = captioner.image_prefix(pixel_values)
-    batch = prefix.shape[0]
-    prompts = prompts if prompts is not None else [captioner.config.caption_prompt] * batch
-    ids, mask = encode_prompts(tokenizer, prompts)
-    embeds, mask, positions = captioner.join(prefix, ids.to(prefix.device), mask.to(prefix.device), left_pad=True)
+    if prompts is None:
+        prompts = prompts_for(captioner.config, [None] * prefix.shape[0])
+    embeds, mask, positions = prepare_inputs(captioner, prefix, prompts)
     seqs = decode_tokens(lm, embeds, mask, positions, config, tokenizer.eos_token_id)
     return [Generation(tokenizer.decode(t, skip_special_tokens=True).strip(), t, s) for t, s in seqs]
 

@@ -23,6 +23,8 @@ import weakref
 
 import torch
 
+from gitcli.generate.compat import cache_argument
+
 # Cache lengths are rounded up to this, so batches whose prompts differ by a few tokens
 # (questions) share one cache and one compiled graph; the extra positions stay masked.
 LENGTH_STEP = 8
@@ -30,9 +32,9 @@ LENGTH_STEP = 8
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm -> StaticState
 
 
-def _one_token(lm, cache, ids, mask, positions):
-    out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-             use_cache=True, logits_to_keep=1)
+def _one_token(lm, cache, ids, mask, positions, cache_name: str = "past_key_values"):
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+             **{cache_name: cache})
     return out.logits[:, -1].float()  # (rows, V)
 
 
@@ -58,6 +60,7 @@ class StaticState:
         self.prompt_length = 0  # positions filled by the prefill
         self.filled = 0  # positions filled so far
         self._forward = _one_token
+        self._cache_argument = cache_argument(lm)  # a constant to a compiled step: no recompiles
         if compile:
             # the step's inputs live at fixed addresses: a CUDA graph reads them in place
             for t in (self.mask, self.ids, self.positions):
@@ -92,7 +95,7 @@ class StaticState:
             # the previous step's logits (a CUDA graph output) have been consumed: let the
             # graph overwrite them instead of keeping them alive
             torch.compiler.cudagraph_mark_step_begin()
-        logits = self._forward(self._lm(), self.cache, self.ids, self.mask, self.positions)
+        logits = self._forward(self._lm(), self.cache, self.ids, self.mask, self.positions, self._cache_argument)
         self.filled += 1
         self.positions.add_(1)
         return logits

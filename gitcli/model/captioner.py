@@ -38,6 +38,9 @@ class Captioner(nn.Module):
         self.lm = lm
         self.tokenizer = tokenizer
         self.prefix_length = prefix_length_of(config, vision.num_tokens)
+        # where the weights came from (a checkpoint's identity), so outputs can record it;
+        # None: built here with fresh weights
+        self.origin: dict | None = None
 
     def train(self, mode: bool = True) -> "Captioner":
         """A frozen tower stays in eval mode while the rest trains: a ResNet's BatchNorm
@@ -148,9 +151,11 @@ def build_captioner(
     tokenizer_path: str | Path | None = None,
     vision_pretrained: str | None | type(...) = ...,
 ) -> Captioner:
-    """Build a captioner from its config.
+    """Build a captioner from its config: the one builder of models, for training, inference,
+    benchmarks and the demo.
 
-    The tiny preset builds its tokenizer from `vocabulary` and its LM at random. A checkpoint
+    The tiny preset builds its tokenizer from `vocabulary` (default: the preset's own,
+    gitcli.config.TINY_VOCABULARY) and its LM at random. A checkpoint
     passes `lm_path` / `tokenizer_path` (saved copies) and `vision_pretrained=None` when
     it carries the tower's weights itself.
     """
@@ -166,9 +171,7 @@ def build_captioner(
     if config.preset == "tiny" and lm_path is None:
         from gitcli.model.tiny import build_tiny_lm, build_tiny_tokenizer
 
-        if vocabulary is None:
-            raise GitcapError("the tiny preset needs a vocabulary to build its tokenizer")
-        tokenizer = build_tiny_tokenizer(vocabulary)
+        tokenizer = build_tiny_tokenizer(vocabulary) if vocabulary is not None else build_tiny_tokenizer()
         lm = build_tiny_lm(tokenizer).to(device=device, dtype=dtype)
         if config.int8:
             raise GitcapError("--int8 loads a saved LM; build the tiny preset first, then load it 8-bit")

@@ -9,6 +9,7 @@ A training output directory holds `checkpoint-STEP/` and a `latest` pointer file
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +21,7 @@ from gitcli.config import ModelConfig, from_dict, read_json, to_dict, write_json
 from gitcli.errors import GitcapError
 from gitcli.formats.atomic import atomic_dir, write_text
 from gitcli.model.captioner import Captioner, build_captioner
+from gitcli.model.quiet import quiet_libraries
 
 FORMAT = "gitcap-checkpoint"
 FORMAT_VERSION = 1
@@ -41,6 +43,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return target
         raise GitcapError(f"{latest} points to {target.name}, which is not a checkpoint")
     raise GitcapError(f"{path} is not a gitcap checkpoint (no {CONFIG_FILE}) nor a run directory (no {LATEST_FILE})")
+
+
+def checkpoint_identity(path: str | Path) -> dict:
+    """What tells this checkpoint from any other, read in milliseconds whatever its size:
+    the hash of `gitcap.json` and every weight file's size and modification time
+    (`train_state/`, the optimiser's resume state, does not change what the model outputs).
+    A copy made without keeping times counts as another checkpoint: refusing too much is
+    the safe side for outputs that a rerun would otherwise trust."""
+    ckpt = resolve_checkpoint(path)
+    files = {}
+    for file in sorted(ckpt.rglob("*")):
+        rel = file.relative_to(ckpt)
+        if rel.parts[0] != "train_state" and file.is_file():
+            stat = file.stat()
+            files[rel.as_posix()] = [stat.st_size, stat.st_mtime_ns]
+    digest = hashlib.sha256((ckpt / CONFIG_FILE).read_bytes()).hexdigest()
+    return {"checkpoint": str(ckpt.resolve()), "config_sha256": digest, "files": files}
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -66,13 +85,6 @@ def saved_parameters(captioner: Captioner) -> list[torch.nn.Parameter]:
     return params
 
 
-def _quiet_transformers() -> None:
-    """transformers draws a progress bar for every tiny save/load; gitcap shows its own."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def save_checkpoint(captioner: Captioner, directory: str | Path, extra: dict | None = None,
                     also_write: Callable[[Path], None] | None = None) -> Path:
     """Write atomically: into a temporary sibling, then rename over `directory`.
@@ -80,7 +92,7 @@ def save_checkpoint(captioner: Captioner, directory: str | Path, extra: dict | N
     `also_write(tmp_dir)` adds files (a training run's resume state) before the rename,
     so the checkpoint and its state appear together or not at all.
     """
-    _quiet_transformers()
+    quiet_libraries()
     directory = Path(directory)
     with atomic_dir(directory) as tmp:  # every file fsynced before the rename publishes it
         if also_write is not None:
@@ -115,9 +127,17 @@ def read_checkpoint_config(path: str | Path) -> tuple[Path, ModelConfig, dict]:
     meta = read_json(ckpt / CONFIG_FILE, what=f"{ckpt / CONFIG_FILE}")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise GitcapError(f"{ckpt} is not a gitcap checkpoint ({CONFIG_FILE} has no gitcap format marker)")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise GitcapError(f"{ckpt / CONFIG_FILE}: field 'format_version' must be int, not {version!r}")
+    if version > FORMAT_VERSION:
         raise GitcapError(f"{ckpt} was written by a newer gitcap ({meta.get('gitcap_version')}); upgrade gitcap")
-    config = from_dict(ModelConfig, meta.get("model"), what=f"{ckpt / CONFIG_FILE} model config")
+    what = f"{ckpt / CONFIG_FILE} model config"
+    config = from_dict(ModelConfig, meta.get("model"), what=what)
+    try:
+        config.validate()  # before anything is built from it: the file may come from anyone
+    except GitcapError as exc:
+        raise GitcapError(f"{what}: {exc}") from None
     return ckpt, config, meta
 
 
@@ -134,7 +154,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
                     int8: bool | None = None) -> Captioner:
     """Rebuild exactly the saved model. `dtype`/`int8` override how frozen weights are held."""
     ckpt, config, _ = read_checkpoint_config(path)
-    _quiet_transformers()
+    quiet_libraries()
     if dtype is not None:
         config.dtype = dtype
     if int8 is not None:
@@ -155,6 +175,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(captioner.lm, _load_weights(ckpt / "lora.safetensors", "LoRA adapters"))
+    captioner.origin = checkpoint_identity(ckpt)
     return captioner
 
 

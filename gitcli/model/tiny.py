@@ -6,7 +6,7 @@ same `open_clip.create_model` / `from_pretrained` paths as real models.
 
 from __future__ import annotations
 
-from gitcli.config import TINY_LM, TINY_VISION, ModelConfig
+from gitcli.config import TINY_LM, TINY_VISION, TINY_VOCABULARY, ModelConfig
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
@@ -24,8 +24,9 @@ def tiny_model_config(**overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def build_tiny_tokenizer(vocabulary: list[str]):
-    """A word-level tokenizer over `vocabulary` in the standard transformers format."""
+def build_tiny_tokenizer(vocabulary: list[str] | tuple[str, ...] = TINY_VOCABULARY):
+    """A word-level tokenizer over `vocabulary` (the preset's own by default) in the
+    standard transformers format."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

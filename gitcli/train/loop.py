@@ -73,12 +73,7 @@ def _build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
             model.vision.float()
         freeze_for_training(model)
         return model
-    vocabulary = None
-    if model_cfg.preset == "tiny":
-        from gitcli.data.synthetic import vocabulary as synthetic_vocabulary
-
-        vocabulary = synthetic_vocabulary()
-    return build_captioner(model_cfg, device=device, vocabulary=vocabulary)
+    return build_captioner(model_cfg, device=device)
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

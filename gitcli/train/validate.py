@@ -14,9 +14,9 @@ import torch
 
 from gitcli.config import GenerationConfig
 from gitcli.data.datasets import Record
-from gitcli.data.text import encode_pair, pad_right, prompt_text
+from gitcli.data.text import encode_pair, pad_right
 from gitcli.dist import autocast
-from gitcli.generate import generate
+from gitcli.generate import generate_for_images, prompts_for
 
 
 @dataclass
@@ -99,16 +99,17 @@ def _decode(model, chunk: list[Record], load_image, transform, gen: GenerationCo
     """One batch: (generations, mean loss or None)."""
     device = model.device
     pixels = torch.stack([transform(load_image(r.image)) for r in chunk]).to(device)
-    prompts = [prompt_text(model.config, r.question) for r in chunk]
+    questions = [r.question for r in chunk]
     loss = None
     with autocast(precision, device):
-        prefix = model.image_prefix(pixels)
+        prefix = model.image_prefix(pixels)  # computed once: the loss and the decoding share it
         if with_loss:
+            prompts = prompts_for(model.config, questions)
             rows = [encode_pair(model.tokenizer, p, r.target) for p, r in zip(prompts, chunk)]
             batch = pad_right([x[0] for x in rows], [x[1] for x in rows], model.tokenizer.pad_token_id)
             loss = float(model(None, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                batch["labels"].to(device), prefix=prefix)[0])
-        outs = generate(model, pixels, prompts, gen, prefix=prefix)
+    outs = generate_for_images(model, pixels, questions, gen, precision=precision, prefix=prefix)
     return outs, loss
 
 
