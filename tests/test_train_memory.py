@@ -10,7 +10,7 @@ from gitcli.train.memory import build_meta_captioner, dry_run
 
 
 def test_meta_model_counts_match_the_real_model(vocab, tiny_captioner):
-    meta = build_meta_captioner(tiny_model_config(), vocab)
+    meta = build_meta_captioner(tiny_model_config())
     assert all(p.device.type == "meta" for p in meta.parameters())
     assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in tiny_captioner.parameters())
 

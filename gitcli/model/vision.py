@@ -26,8 +26,9 @@ def _register_configs() -> None:
         _registered = True
 
 
-def create_clip_visual(name: str, pretrained: str | None) -> nn.Module:
-    """Build the visual half of an open_clip model: `pretrained` is a tag, a file or None."""
+def create_clip_visual(name: str, pretrained: str | None, *, device: torch.device | str = "cpu") -> nn.Module:
+    """Build the visual half of an open_clip model: `pretrained` is a tag, a file or None;
+    `device="meta"` gives its shapes without allocating it (train --dry-run)."""
     import open_clip
 
     _register_configs()
@@ -49,7 +50,8 @@ def create_clip_visual(name: str, pretrained: str | None) -> nn.Module:
     # client logs every retry of a failed download; gitcap reports in one line instead.
     with quiet_loggers("", "huggingface_hub"):
         try:
-            clip = open_clip.create_model(name, pretrained=pretrained, require_pretrained=pretrained is not None)
+            clip = open_clip.create_model(name, pretrained=pretrained, require_pretrained=pretrained is not None,
+                                          device=device)
         except Exception as exc:  # the weights come from the user or the network: any failure is theirs to fix
             _loading_failed(name, pretrained, exc)
     return clip.visual

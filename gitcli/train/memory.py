@@ -91,48 +91,29 @@ def _lm_config(model_cfg: ModelConfig):
                           "gated one: `hf auth login`)") from None
 
 
-def build_meta_captioner(model_cfg: ModelConfig, vocabulary: list[str] | None = None):
-    """The captioner with every tensor on `meta`, in the dtypes a GPU run would use."""
-    import open_clip
-
-    from gitcli.model.captioner import Captioner, apply_lora, freeze_for_training
+def build_meta_captioner(model_cfg: ModelConfig):
+    """The captioner with every tensor on `meta`, in the dtypes a GPU run would use: the
+    tower and the captioner come from the same builders a real run uses, only the LM is
+    made from its config instead of loaded."""
+    from gitcli.model.captioner import assemble_captioner
     from gitcli.model.lm import TORCH_DTYPES
-    from gitcli.model.mapping import build_mapping
-    from gitcli.model.vision import VisionTower, _register_configs
+    from gitcli.model.vision import create_clip_visual
 
     model_cfg.validate()
     dtype = TORCH_DTYPES.get(model_cfg.dtype, torch.bfloat16)  # auto on a GPU: bf16
-    _register_configs()
-    if open_clip.get_model_config(model_cfg.vision) is None:
-        raise GitcapError(f"unknown vision tower {model_cfg.vision!r}; use an open_clip model name such as "
-                          "RN50, ViT-B-32, ViT-L-14")
-    import logging
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # "no pretrained weights loaded" is the point here
-    try:
-        visual = open_clip.create_model(model_cfg.vision, pretrained=None, device="meta").visual
-    finally:
-        root.setLevel(level)
-    with torch.device("meta"):
-        vision = VisionTower(visual, grid=model_cfg.grid)
+    meta = torch.device("meta")
+    visual = create_clip_visual(model_cfg.vision, None, device=meta)
+    with meta:
         if model_cfg.preset == "tiny":
             from gitcli.model.tiny import build_tiny_lm, build_tiny_tokenizer
 
-            lm = build_tiny_lm(build_tiny_tokenizer(vocabulary or []))
+            lm = build_tiny_lm(build_tiny_tokenizer())
         else:
             from transformers import AutoModelForCausalLM
 
             lm = AutoModelForCausalLM.from_config(_lm_config(model_cfg))
         lm.to(dtype)
-        mapping = build_mapping(model_cfg, vision.feature_dim, vision.num_tokens,
-                                lm.get_input_embeddings().embedding_dim).float()
-        vision.to(torch.float32 if model_cfg.train_vision else dtype)
-        captioner = Captioner(model_cfg, vision, mapping, lm, tokenizer=None)
-        if model_cfg.lora_rank > 0:
-            apply_lora(captioner)
-    freeze_for_training(captioner)
+        captioner = assemble_captioner(model_cfg, visual, lm, None, device=meta, dtype=dtype)
     return captioner
 
 
@@ -239,11 +220,6 @@ def dry_run(model_cfg: ModelConfig, cfg: TrainConfig, *, text_tokens: int, world
     check_cache_features(model_cfg, cfg)
     stage = zero_stage(cfg, override)
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
-    vocabulary = None
-    if model_cfg.preset == "tiny":
-        from gitcli.data.synthetic import vocabulary as synthetic_vocabulary
-
-        vocabulary = synthetic_vocabulary()
-    captioner = build_meta_captioner(model_cfg, vocabulary)
+    captioner = build_meta_captioner(model_cfg)
     return estimate(captioner, cfg, world=world, stage=stage, offload=offloads(cfg, override),
                     precision=cfg.precision or "bf16", text_tokens=text_tokens)
