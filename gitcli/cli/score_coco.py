@@ -98,6 +98,8 @@ def score_coco(
     with console.status(f"scoring {len(refs)} images…") as status:
         scored = evaluate_captions(res, refs, metrics, workers=workers, on_step=lambda s: status.update(f"{s}…"))
     seconds = time.perf_counter() - start
+    for warning in scored.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
 
     table = Table(title=f"COCO caption metrics — {len(refs)} images, {seconds:.1f} s")
     table.add_column("metric")
