@@ -148,3 +148,49 @@ def test_score_coco_spice_without_corenlp_fails_fast(tmp_path, cli, monkeypatch)
     monkeypatch.setattr(g, "get_stanford_models", lambda: (_ for _ in ()).throw(OSError("no network")))
     # fails before any scoring starts (no Java launch needed to see this error)
     assert "SPICE cannot run" in _one_error_line(cli("score-coco", "-r", results, "-l", labels, "--spice"))
+
+
+def test_vqa_flow_on_test_dev_whose_questions_cover_a_subset_of_the_images(tmp_path, cli):
+    # test-dev asks about a subset of test2015's images: the question TSV holds [] for
+    # the others, inference answers nothing there, and the submission is still checked
+    # against the questions file.
+    from eval_helpers import jpeg_bytes
+
+    from gitcli.formats.tsv import iter_tsv
+
+    root = tmp_path / "test2015"
+    root.mkdir()
+    ids = [101, 102, 103, 104]
+    for i in ids:
+        (root / f"COCO_test2015_{i:012d}.jpg").write_bytes(jpeg_bytes((i, 0, 0)))
+    info = write_json(tmp_path / "image_info_test2015.json", {"images": [{"id": i, "file_name": f"COCO_test2015_{i:012d}.jpg"} for i in ids]})
+    test_dev = [{"image_id": 103, "question": "What is it?", "question_id": 1030}, {"image_id": 101, "question": "Is it red?", "question_id": 1010}]
+    test_dev_json = write_json(tmp_path / "test-dev.json", {"questions": test_dev})
+    test_all_json = write_json(tmp_path / "test2015.json", {"questions": [*test_dev, {"image_id": 104, "question": "Why?", "question_id": 1040}]})
+
+    img, qtsv = tmp_path / "test.img.tsv", tmp_path / "test-dev.question.tsv"
+    assert cli("tsv", "images", info, "--image-root", root, "--out", img).exit_code == 0
+    result = cli("tsv", "questions", test_dev_json, "--images", img, "--out", qtsv)
+    assert result.exit_code == 0, result.output
+    assert "2 images have no question" in result.output
+    rows = [(key, json.loads(cell)) for key, cell in iter_tsv(qtsv)]
+    assert [(k, [q["question_id"] for q in qs]) for k, qs in rows] == [("101", [1010]), ("102", []), ("103", [1030]), ("104", [])]
+
+    # what inference writes: one result row per question row, [] where nothing was asked
+    results = tmp_path / "test-dev.tsv"
+    write_tsv(results, [[k, json_cell([{"question_id": q["question_id"], "answer": "Yes."} for q in qs])] for k, qs in rows])
+    sub = tmp_path / "submission.json"
+    result = cli("vqa-json", "--results", results, "--questions", test_dev_json, "--out", sub)
+    assert result.exit_code == 0, result.output
+    assert "had no result" not in result.output
+    assert json.loads(sub.read_text()) == [{"question_id": 1030, "answer": "yes"}, {"question_id": 1010, "answer": "yes"}]
+
+    # against all of test2015, the questions test-dev lacks are counted and answered ""
+    result = cli("vqa-json", "--results", results, "--questions", test_all_json, "--out", sub)
+    assert result.exit_code == 0 and "1 questions had no result" in result.output
+    assert json.loads(sub.read_text())[-1] == {"question_id": 1040, "answer": ""}
+
+    # a row left out (or answered []) is a missing answer, still counted
+    write_tsv(results, [[k, json_cell([] if k == "103" else [{"question_id": q["question_id"], "answer": "no"} for q in qs])] for k, qs in rows])
+    result = cli("vqa-json", "--results", results, "--questions", test_dev_json, "--out", sub)
+    assert result.exit_code == 0 and "1 questions had no result" in result.output

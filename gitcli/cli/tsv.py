@@ -97,5 +97,5 @@ def questions(
 
     rows, empty = build_question_tsv(questions_json, images_tsv, out)
     if empty:
-        console.print(f"[yellow]{empty} images have no question (rows with [])[/]")
+        console.print(f"{empty} images have no question: their rows hold [] (nothing to answer)")
     console.print(f"wrote {rows} question rows to {out}")
