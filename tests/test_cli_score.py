@@ -145,9 +145,9 @@ def test_score_coco_spice_without_corenlp_fails_fast(tmp_path, cli, monkeypatch)
 
     labels, results = _caption_files(tmp_path)
     monkeypatch.setattr(spice, "corenlp_jar", lambda: tmp_path / "absent.jar")
-    monkeypatch.setattr(g, "get_stanford_models", lambda: (_ for _ in ()).throw(OSError("no network")))
+    monkeypatch.setattr(g, "get_stanford_models", lambda: pytest.fail("pycocoevalcap downloader called"))
     # fails before any scoring starts (no Java launch needed to see this error)
-    assert "SPICE cannot run" in _one_error_line(cli("score-coco", "-r", results, "-l", labels, "--spice"))
+    assert "SPICE needs Stanford CoreNLP 3.6.0" in _one_error_line(cli("score-coco", "-r", results, "-l", labels, "--spice"))
 
 
 def test_vqa_flow_on_test_dev_whose_questions_cover_a_subset_of_the_images(tmp_path, cli):

@@ -155,19 +155,74 @@ def test_references_without_a_word_are_one_line_not_a_traceback():
         captions.evaluate_captions({"1": "a dog", "2": "a cat"}, {"1": ["..."], "2": [""]}, ("CIDEr",))
 
 
-def test_spice_without_corenlp_is_one_clear_error(monkeypatch, tmp_path):
+def _fake_jar(path, *entries):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as jar:
+        for name in entries:
+            jar.writestr(name, b"")
+    return path
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """pycocoevalcap's plain-HTTP downloader must never run."""
     from pycocoevalcap.spice import get_stanford_models as g
 
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pycocoevalcap tried to download CoreNLP")
+
+    monkeypatch.setattr(g, "get_stanford_models", forbidden)
+    monkeypatch.setattr(g, "urlretrieve", forbidden)
+
+
+def test_spice_without_corenlp_says_where_to_put_a_verified_copy(monkeypatch, tmp_path, no_download):
     from gitcli.evaluate import spice
 
-    monkeypatch.setattr(spice, "corenlp_jar", lambda: tmp_path / "stanford-corenlp-3.6.0.jar")
-
-    def no_network():
-        raise OSError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(g, "get_stanford_models", no_network)
-    with pytest.raises(GitcapError, match="SPICE cannot run: Stanford CoreNLP 3.6.0 .* could not be downloaded"):
+    monkeypatch.setattr(spice, "corenlp_jar", lambda: tmp_path / "lib" / "stanford-corenlp-3.6.0.jar")
+    with pytest.raises(GitcapError) as err:
         spice.ensure_corenlp()
+    message = str(err.value)
+    assert "\n" not in message and "stanford-corenlp-3.6.0.jar is missing" in message
+    assert "https://repo1.maven.org/" in message and "sha1sum" in message and str(tmp_path / "lib") in message
+
+
+def test_spice_refuses_a_broken_or_foreign_jar_and_takes_a_whole_one(monkeypatch, tmp_path, no_download):
+    from gitcli.evaluate import spice
+
+    main, models = tmp_path / "stanford-corenlp-3.6.0.jar", tmp_path / "stanford-corenlp-3.6.0-models.jar"
+    monkeypatch.setattr(spice, "corenlp_jar", lambda: main)
+    _fake_jar(models, "edu/stanford/nlp/models/pos-tagger/english.tagger")
+    main.write_bytes(b"<html>404 Not Found</html>")  # what a failed download leaves
+    with pytest.raises(GitcapError, match="stanford-corenlp-3.6.0.jar is not a whole jar"):
+        spice.ensure_corenlp()
+    _fake_jar(main, "org/example/Other.class")
+    with pytest.raises(GitcapError, match="is not CoreNLP 3.6.0's jar"):
+        spice.ensure_corenlp()
+    _fake_jar(main, "edu/stanford/nlp/pipeline/StanfordCoreNLP.class")
+    truncated = models.read_bytes()[:-30]
+    models.write_bytes(truncated)
+    with pytest.raises(GitcapError, match="models.jar is not a whole jar"):
+        spice.ensure_corenlp()
+    _fake_jar(models, "edu/stanford/nlp/models/pos-tagger/english.tagger")
+    spice.ensure_corenlp()  # both whole: SPICE may run
+
+
+def test_spice_never_lets_pycocoevalcap_download(monkeypatch, tmp_path):
+    from gitcli.evaluate import spice
+
+    main = _fake_jar(tmp_path / "stanford-corenlp-3.6.0.jar", "edu/stanford/nlp/pipeline/StanfordCoreNLP.class")
+    _fake_jar(tmp_path / "stanford-corenlp-3.6.0-models.jar", "edu/stanford/nlp/models/x.tagger")
+    monkeypatch.setattr(spice, "corenlp_jar", lambda: main)
+    monkeypatch.setattr(spice, "require_java", lambda what: "java")
+    module = spice._spice_module()
+    monkeypatch.setattr(module, "get_stanford_models", module.get_stanford_models)  # restored afterwards
+    monkeypatch.setattr(module.Spice, "compute_score", lambda self, gts, res: (0.5, [0.5]))
+    assert spice.spice_score({"1": ["a dog"]}, {"1": ["a dog"]}) == (0.5, [0.5])
+    # what Spice() calls first thing is gitcap's check now, and it refuses, never fetches
+    main.unlink()
+    with pytest.raises(GitcapError, match="does not download unchecked"):
+        module.Spice()
 
 
 # ---- property: whatever the text, the pairing is COCOEvalCap's -------------------------

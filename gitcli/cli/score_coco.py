@@ -72,7 +72,7 @@ def score_coco(
     results: Annotated[Path, typer.Option("--results", "-r", help="Result captions: GIT result TSV (key<TAB>[{\"caption\": ...}]) or COCO results JSON.")],
     labels: Annotated[Path, typer.Option("--labels", "-l", help="Reference captions: GIT caption TSV or COCO caption annotation JSON.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write scores, per-image scores, inputs and versions to this JSON file.")] = None,
-    spice: Annotated[bool, typer.Option("--spice", help="Also compute SPICE (needs Stanford CoreNLP, downloaded at first use).")] = False,
+    spice: Annotated[bool, typer.Option("--spice", help="Also compute SPICE (needs Stanford CoreNLP 3.6.0's jars, installed by you: the error says where from).")] = False,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Score the images present in both files and report how many were dropped.")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes to use (default: all CPU cores).")] = None,
 ) -> None:
