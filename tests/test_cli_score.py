@@ -98,14 +98,21 @@ def _caption_files(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="needs Java")
-def test_score_coco_writes_scores_json(tmp_path, cli):
+def test_score_coco_writes_scores_json(tmp_path, cli, monkeypatch):
+    from gitcli.evaluate import paraphrase
+
     labels, results = _caption_files(tmp_path)
     # a COCO results JSON with one image fewer: --allow-missing scores the intersection
     coco_results = write_json(tmp_path / "r.json", [{"image_id": 1, "caption": "a dog running on the beach"}, {"image_id": 2, "caption": "a cat on a sofa"}])
-    out = tmp_path / "scores.json"
+    out = tmp_path / "new" / "folder" / "scores.json"  # folders that do not exist yet
+    monkeypatch.setattr(paraphrase, "index_ready", lambda *a, **k: False)  # as on a machine's first run
     result = cli("score-coco", "--results", coco_results, "--labels", labels, "--allow-missing", "--out", out)
     assert result.exit_code == 0, result.output
-    assert "dropped 1 labelled images" in result.output
+    # the table on stdout (what `> scores.txt` captures), messages on stderr
+    assert "CIDEr" in result.stdout and "METEOR" in result.stdout and "dropped" not in result.stdout
+    assert "dropped 1 labelled images" in result.stderr and "CIDEr" not in result.stderr
+    # the one long step says what it does in a plain line, not only in a spinner
+    assert "indexing METEOR's paraphrase table, once per machine" in result.stderr
     data = json.loads(out.read_text())
     assert set(data["scores"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
     assert set(data["per_image"]) == {"1", "2"}
@@ -194,3 +201,67 @@ def test_vqa_flow_on_test_dev_whose_questions_cover_a_subset_of_the_images(tmp_p
     write_tsv(results, [[k, json_cell([] if k == "103" else [{"question_id": q["question_id"], "answer": "no"} for q in qs])] for k, qs in rows])
     result = cli("vqa-json", "--results", results, "--questions", test_dev_json, "--out", sub)
     assert result.exit_code == 0 and "1 questions had no result" in result.output
+
+
+def test_score_vqa_table_goes_to_stdout_of_a_real_process(tmp_path, vqa_files):
+    import os
+    import subprocess
+    import sys
+
+    anns, questions = vqa_files
+    results = write_json(tmp_path / "sub.json", [{"question_id": 1, "answer": "2"}, {"question_id": 2, "answer": "red"}])
+    table = tmp_path / "acc.txt"
+    with table.open("w") as stdout:  # `gitcap score-vqa ... > acc.txt`
+        proc = subprocess.run(
+            [sys.executable, "-m", "gitcli", "score-vqa", "-r", results, "-a", anns, "-q", questions, "--out", tmp_path / "x" / "acc.json"],
+            stdout=stdout, stderr=subprocess.PIPE, text=True, env=dict(os.environ, COLUMNS="100"),
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert "overall" in table.read_text() and "80.00" in table.read_text()
+    assert "wrote" in proc.stderr and "overall" not in proc.stderr
+    assert json.loads((tmp_path / "x" / "acc.json").read_text())["overall"] == 80.0
+
+
+def _writing_commands(tmp_path, vqa_files):
+    """Every command of this area that writes --out, with inputs it accepts."""
+    from eval_helpers import jpeg_bytes
+
+    anns, questions = vqa_files
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "5.jpg").write_bytes(jpeg_bytes())
+    image_tsv = tmp_path / "img.tsv"
+    write_tsv(image_tsv, [["5", "eA=="]])
+    coco = write_json(tmp_path / "coco.json", {"images": [{"id": 5, "file_name": "5.jpg"}], "annotations": [{"id": 1, "image_id": 5, "caption": "a dog"}]})
+    results = write_json(tmp_path / "sub.json", [{"question_id": 1, "answer": "2"}, {"question_id": 2, "answer": "red"}])
+    labels, captions = _caption_files(tmp_path)
+    return {
+        "tsv images": ["tsv", "images", folder],
+        "tsv captions": ["tsv", "captions", coco],
+        "tsv questions": ["tsv", "questions", questions, "--images", image_tsv],
+        "vqa-json": ["vqa-json", "-r", results, "-q", questions],
+        "score-vqa": ["score-vqa", "-r", results, "-a", anns, "-q", questions],
+        "score-coco": ["score-coco", "-r", captions, "-l", labels],
+    }
+
+
+def test_every_writing_command_creates_a_missing_out_folder(tmp_path, cli, vqa_files, monkeypatch):
+    from gitcli.evaluate import captions
+
+    # score-coco's scoring itself is tested above: here only where its output goes
+    monkeypatch.setattr(captions, "evaluate_captions", lambda res, refs, metrics, **kw: captions.CaptionScores({m: 0.5 for m in metrics}))
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/java")
+    for name, args in _writing_commands(tmp_path, vqa_files).items():
+        out = tmp_path / "new" / name.replace(" ", "-") / "out.file"
+        result = cli(*args, "--out", out)
+        assert result.exit_code == 0, (name, result.output)
+        assert out.is_file(), name
+
+
+def test_every_writing_command_refuses_a_directory_as_out_before_any_work(tmp_path, cli, vqa_files, monkeypatch):
+    from gitcli.evaluate import captions
+
+    monkeypatch.setattr(captions, "evaluate_captions", lambda *a, **k: pytest.fail("scored before checking --out"))
+    for name, args in _writing_commands(tmp_path, vqa_files).items():
+        output = _one_error_line(cli(*args, "--out", tmp_path))
+        assert "is a directory" in output and len(output.strip().splitlines()) == 1, (name, output)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import console, user_errors
+from gitcli.cli.common import console, output_file, user_errors
 
 app = typer.Typer(
     name="tsv",
@@ -44,6 +44,7 @@ def images(
     from gitcli.evaluate.tsv_build import build_image_tsv, coco_images, folder_images
     from gitcli.formats.coco import read_karpathy_split
 
+    output_file(out)
     if source.is_dir():
         if split is not None:
             raise GitcapError("--split selects COCO ids; it needs a COCO annotation JSON, not a folder")
@@ -76,6 +77,7 @@ def captions(
     """
     from gitcli.evaluate.tsv_build import build_caption_tsv
 
+    output_file(out)
     rows = build_caption_tsv(coco_json, out, split=split, split_name=split_name)
     console.print(f"wrote {rows} caption rows to {out}")
 
@@ -95,6 +97,7 @@ def questions(
     """
     from gitcli.evaluate.tsv_build import build_question_tsv
 
+    output_file(out)
     rows, empty = build_question_tsv(questions_json, images_tsv, out)
     if empty:
         console.print(f"{empty} images have no question: their rows hold [] (nothing to answer)")
