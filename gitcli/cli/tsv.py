@@ -41,8 +41,8 @@ def images(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from gitcli.errors import GitcapError
-    from gitcli.evaluate.tsv_build import build_image_tsv, coco_images, folder_images
     from gitcli.formats.coco import read_karpathy_split
+    from gitcli.formats.tsv_build import build_image_tsv, coco_images, folder_images
 
     output_file(out)
     if source.is_dir():
@@ -75,7 +75,7 @@ def captions(
 
         gitcap tsv captions captions_val2014.json --split dataset_coco.json --out test.caption.tsv
     """
-    from gitcli.evaluate.tsv_build import build_caption_tsv
+    from gitcli.formats.tsv_build import build_caption_tsv
 
     output_file(out)
     rows = build_caption_tsv(coco_json, out, split=split, split_name=split_name)
@@ -95,7 +95,7 @@ def questions(
 
         gitcap tsv questions v2_OpenEnded_mscoco_val2014_questions.json --images val.img.tsv --out val.question.tsv
     """
-    from gitcli.evaluate.tsv_build import build_question_tsv
+    from gitcli.formats.tsv_build import build_question_tsv
 
     output_file(out)
     rows, empty = build_question_tsv(questions_json, images_tsv, out)
