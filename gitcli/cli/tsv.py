@@ -38,11 +38,10 @@ def images(
 
         gitcap tsv images captions_val2014.json --image-root val2014/ --split dataset_coco.json --out test.img.tsv
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from gitcli.errors import GitcapError
     from gitcli.formats.coco import read_karpathy_split
     from gitcli.formats.tsv_build import build_image_tsv, coco_images, folder_images
+    from gitcli.progress import ProgressBar
 
     output_file(out)
     if source.is_dir():
@@ -54,10 +53,8 @@ def images(
             raise GitcapError("a COCO JSON names files, not folders: pass --image-root (e.g. val2014/)")
         keys = read_karpathy_split(split, split_name) if split is not None else None
         pairs = coco_images(source, image_root, keys)
-    columns = (TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("images", total=len(pairs))
-        rows = build_image_tsv(pairs, out, progress=lambda n: bar.update(task, completed=n))
+    with ProgressBar("images", total=len(pairs), console=console, transient=True) as bar:
+        rows = build_image_tsv(pairs, out, progress=bar.show)
     console.print(f"wrote {rows} images to {out}")
 
 
