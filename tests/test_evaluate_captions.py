@@ -67,6 +67,7 @@ def _assert_identical(ours: captions.CaptionScores, coco, metrics) -> None:
 
 
 @needs_java
+@pytest.mark.slow  # pycocoevalcap's METEOR loads its whole paraphrase table
 def test_identical_to_cocoevalcap_with_meteor_split_over_two_jars(monkeypatch):
     results, references = synthetic_caption_set(60, 5, seed=3)
     # awkward input the tokenizer must treat exactly alike: unicode, punctuation, '|||'
