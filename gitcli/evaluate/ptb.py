@@ -95,17 +95,18 @@ def tokenize_groups(*groups: list[list[str]]) -> tuple[list[list[str]], ...]:
     out = _run_jar(sent)
     if len(out) != len(sent) or any(out[i] != _GROUP_END for i in ends):
         raise GitcapError(
-            f"the PTB tokenizer returned {len(out)} lines for {len(sent)}, so its tokens cannot be "
-            "paired with the captions; please report this with the captions that caused it"
+            f"the PTB tokenizer's output does not line up with its input ({len(out)} lines for {len(sent)}, "
+            "or a group's end marker moved), so its tokens cannot be paired with the captions; "
+            "please report this with the captions that caused it"
         )
     result = []
     start = 0
     for group, end in zip(groups, ends):
-        tokens = iter([_clean(line) for line in out[start:end]])
-        start = end + 1
+        image_of_caption = [i for i, caps in enumerate(group) for _ in caps]
         shaped: list[list[str]] = [[] for _ in group]
         # pycocoevalcap's zip(image_id, lines): caption n takes line n; extra lines are dropped.
-        for (i, _), tok in zip(((i, c) for i, caps in enumerate(group) for c in caps), tokens):
-            shaped[i].append(tok)
+        for i, line in zip(image_of_caption, out[start:end]):
+            shaped[i].append(_clean(line))
+        start = end + 1
         result.append(shaped)
     return tuple(result)
