@@ -99,3 +99,61 @@ def test_exact_match_accuracy():
     assert exact_match_accuracy(["Two", "the dog.", "cat"], ["2", ["dog", "puppy"], "dog"]) == pytest.approx(2 / 3)
     with pytest.raises(GitcapError, match="2 predictions but 1 answers"):
         exact_match_accuracy(["a", "b"], ["a"])
+
+
+def _official_vqa_eval(annotations: list[dict], results: list[dict]) -> dict:
+    """vqaEval.py's evaluate() and setAccuracy() (GT-Vision-Lab/VQA), transcribed line by
+    line: questions in the annotations' order (vqa.getQuesIds()), sums of unrounded
+    accuracies per group, rounded at the end. Its normalisation is tested above."""
+    res = {r["question_id"]: r for r in results}
+    acc_qa, acc_ques_type, acc_ans_type = [], {}, {}
+    for gts in annotations:
+        quesId = gts["question_id"]
+        resAns = res[quesId]["answer"].replace("\n", " ").replace("\t", " ").strip()
+        gt_answers = [dict(a, answer=a["answer"].replace("\n", " ").replace("\t", " ").strip()) for a in gts["answers"]]
+        if len({a["answer"] for a in gt_answers}) > 1:
+            for a in gt_answers:
+                a["answer"] = process_digit_article(process_punctuation(a["answer"]))
+            resAns = process_digit_article(process_punctuation(resAns))
+        gtAcc = []
+        for gtAnsDatum in gt_answers:
+            otherGTAns = [item for item in gt_answers if item != gtAnsDatum]
+            matchingAns = [item for item in otherGTAns if item["answer"] == resAns]
+            gtAcc.append(min(1, float(len(matchingAns)) / 3))
+        avgGTAcc = float(sum(gtAcc)) / len(gtAcc)
+        acc_qa.append(avgGTAcc)
+        acc_ques_type.setdefault(gts["question_type"], []).append(avgGTAcc)
+        acc_ans_type.setdefault(gts["answer_type"], []).append(avgGTAcc)
+    return {
+        "overall": round(100 * float(sum(acc_qa)) / len(acc_qa), 2),
+        "perQuestionType": {t: round(100 * float(sum(v)) / len(v), 2) for t, v in acc_ques_type.items()},
+        "perAnswerType": {t: round(100 * float(sum(v)) / len(v), 2) for t, v in acc_ans_type.items()},
+    }
+
+
+def test_sums_follow_the_annotations_order_whatever_the_results_order():
+    # Question types of 16, 40 or 80 questions scoring 0, 30, 60, 90 or 100 %: their
+    # means often land on a rounding tie (e.g. 30/16 = 1.875), where the order of the
+    # float sum decides the printed value.
+    import random
+
+    rng = random.Random(7)
+    annotations = []
+    for t in range(60):
+        for _ in range(rng.choice([16, 40, 80])):
+            agree = rng.choice([0, 1, 2, 3, 10])
+            annotations.append({
+                "question_id": len(annotations) + 1, "answers": humans(*["yes"] * agree, *["no"] * (10 - agree)),
+                "question_type": f"type {t}", "answer_type": rng.choice(["yes/no", "other", "number"]),
+            })
+    results = [{"question_id": a["question_id"], "answer": "yes"} for a in annotations]
+    rng.shuffle(results)
+    official = _official_vqa_eval(annotations, results)
+    position = {r["question_id"]: i for i, r in enumerate(results)}
+    in_results_order = _official_vqa_eval(sorted(annotations, key=lambda a: position[a["question_id"]]), results)
+    assert in_results_order["perQuestionType"] != official["perQuestionType"]  # the order matters here
+
+    ours = vqa_accuracy({r["question_id"]: r["answer"] for r in results}, {a["question_id"]: a for a in annotations})
+    assert ours.overall == official["overall"]
+    assert ours.per_answer_type == official["perAnswerType"]
+    assert ours.per_question_type == official["perQuestionType"]

@@ -116,6 +116,7 @@ def test_segments_the_jar_would_split_differently_are_not_cut(tmp_path):
 
 
 @needs_java
+@pytest.mark.slow  # pycocoevalcap's METEOR loads its whole paraphrase table
 def test_the_cut_table_gives_the_jar_the_same_statistics_as_the_whole_table(tmp_path):
     """The real table and the real jar: every statistic the jar returns is the same."""
     pairs = [

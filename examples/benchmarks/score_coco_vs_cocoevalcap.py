@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
 from gitcli.evaluate.captions import DEFAULT_METRICS, evaluate_captions  # noqa: E402
-from gitcli.evaluate.synthetic_captions import synthetic_caption_set  # noqa: E402
+from tests.support.synthetic_captions import synthetic_caption_set  # noqa: E402
 
 
 def cocoevalcap_without_spice(results: dict[str, str], references: dict[str, list[str]]):

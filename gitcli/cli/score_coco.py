@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import console, user_errors
+from gitcli.cli.common import console, out_console, output_file, user_errors
 
 EXAMPLE = """
 
@@ -72,7 +72,7 @@ def score_coco(
     results: Annotated[Path, typer.Option("--results", "-r", help="Result captions: GIT result TSV (key<TAB>[{\"caption\": ...}]) or COCO results JSON.")],
     labels: Annotated[Path, typer.Option("--labels", "-l", help="Reference captions: GIT caption TSV or COCO caption annotation JSON.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write scores, per-image scores, inputs and versions to this JSON file.")] = None,
-    spice: Annotated[bool, typer.Option("--spice", help="Also compute SPICE (needs Stanford CoreNLP, downloaded at first use).")] = False,
+    spice: Annotated[bool, typer.Option("--spice", help="Also compute SPICE (needs Stanford CoreNLP 3.6.0's jars, installed by you: the error says where from).")] = False,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Score the images present in both files and report how many were dropped.")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes to use (default: all CPU cores).")] = None,
 ) -> None:
@@ -83,7 +83,10 @@ def score_coco(
     from gitcli.evaluate.align import align_keys
     from gitcli.evaluate.captions import DEFAULT_METRICS, evaluate_captions
     from gitcli.evaluate.java import require_java
+    from gitcli.evaluate.paraphrase import cache_root, index_ready
 
+    if out is not None:
+        output_file(out)
     require_java("score-coco")
     res = _read_results(results)
     refs = _read_labels(labels)
@@ -94,10 +97,18 @@ def score_coco(
             f"images without a result and {alignment.results_without_labels} results without labels[/]"
         )
     metrics = (*DEFAULT_METRICS, "SPICE") if spice else DEFAULT_METRICS
+    if not index_ready():
+        # A plain line, not only the spinner: it is the one long silent step, and a
+        # spinner shows nothing when stderr is not a terminal.
+        console.print(
+            f"indexing METEOR's paraphrase table, once per machine (15-30 s, about 135 MB in {cache_root()})"
+        )
     start = time.perf_counter()
     with console.status(f"scoring {len(refs)} images…") as status:
         scored = evaluate_captions(res, refs, metrics, workers=workers, on_step=lambda s: status.update(f"{s}…"))
     seconds = time.perf_counter() - start
+    for warning in scored.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
 
     table = Table(title=f"COCO caption metrics — {len(refs)} images, {seconds:.1f} s")
     table.add_column("metric")
@@ -105,7 +116,7 @@ def score_coco(
     table.add_column("x100", justify="right")
     for name, value in scored.scores.items():
         table.add_row(name, f"{value:.4f}", f"{100 * value:.2f}")
-    console.print(table)
+    out_console.print(table)
     if out is not None:
         write_json(
             out,

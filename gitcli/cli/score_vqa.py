@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import console, user_errors
+from gitcli.cli.common import console, out_console, output_file, user_errors
 
 
 @user_errors
@@ -32,6 +32,8 @@ def score_vqa(
     from gitcli.evaluate.vqa_results import answers_by_question, read_vqa_results
     from gitcli.formats.coco import read_vqa_annotations, read_vqa_questions
 
+    if out is not None:
+        output_file(out)
     preds = answers_by_question(read_vqa_results(results), source=results)
     anns = read_vqa_annotations(annotations)
     expected = [q["question_id"] for q in read_vqa_questions(questions)] if questions else list(anns)
@@ -59,7 +61,7 @@ def score_vqa(
         table.add_row(f"answer type: {name}", f"{value:.2f}")
     for name, value in sorted(acc.per_question_type.items()):
         table.add_row(f"question type: {name}", f"{value:.2f}")
-    console.print(table)
+    out_console.print(table)
     if out is not None:
         write_json(
             out,

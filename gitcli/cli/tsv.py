@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import console, user_errors
+from gitcli.cli.common import console, output_file, user_errors
 
 app = typer.Typer(
     name="tsv",
@@ -38,12 +38,12 @@ def images(
 
         gitcap tsv images captions_val2014.json --image-root val2014/ --split dataset_coco.json --out test.img.tsv
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from gitcli.errors import GitcapError
-    from gitcli.evaluate.tsv_build import build_image_tsv, coco_images, folder_images
     from gitcli.formats.coco import read_karpathy_split
+    from gitcli.formats.tsv_build import build_image_tsv, coco_images, folder_images
+    from gitcli.progress import ProgressBar
 
+    output_file(out)
     if source.is_dir():
         if split is not None:
             raise GitcapError("--split selects COCO ids; it needs a COCO annotation JSON, not a folder")
@@ -53,10 +53,8 @@ def images(
             raise GitcapError("a COCO JSON names files, not folders: pass --image-root (e.g. val2014/)")
         keys = read_karpathy_split(split, split_name) if split is not None else None
         pairs = coco_images(source, image_root, keys)
-    columns = (TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("images", total=len(pairs))
-        rows = build_image_tsv(pairs, out, progress=lambda n: bar.update(task, completed=n))
+    with ProgressBar("images", total=len(pairs), console=console, transient=True) as bar:
+        rows = build_image_tsv(pairs, out, progress=bar.show)
     console.print(f"wrote {rows} images to {out}")
 
 
@@ -74,8 +72,9 @@ def captions(
 
         gitcap tsv captions captions_val2014.json --split dataset_coco.json --out test.caption.tsv
     """
-    from gitcli.evaluate.tsv_build import build_caption_tsv
+    from gitcli.formats.tsv_build import build_caption_tsv
 
+    output_file(out)
     rows = build_caption_tsv(coco_json, out, split=split, split_name=split_name)
     console.print(f"wrote {rows} caption rows to {out}")
 
@@ -93,9 +92,10 @@ def questions(
 
         gitcap tsv questions v2_OpenEnded_mscoco_val2014_questions.json --images val.img.tsv --out val.question.tsv
     """
-    from gitcli.evaluate.tsv_build import build_question_tsv
+    from gitcli.formats.tsv_build import build_question_tsv
 
+    output_file(out)
     rows, empty = build_question_tsv(questions_json, images_tsv, out)
     if empty:
-        console.print(f"[yellow]{empty} images have no question (rows with [])[/]")
+        console.print(f"{empty} images have no question: their rows hold [] (nothing to answer)")
     console.print(f"wrote {rows} question rows to {out}")

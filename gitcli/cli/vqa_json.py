@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import console, user_errors
+from gitcli.cli.common import console, output_file, user_errors
 
 
 @user_errors
@@ -25,6 +25,7 @@ def vqa_json(
     from gitcli.evaluate.vqa_results import build_submission
     from gitcli.formats.coco import write_vqa_submission
 
+    output_file(out)
     sub = build_submission(results, questions)
     write_vqa_submission(out, sub.answers)
     if sub.filled:

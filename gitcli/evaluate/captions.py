@@ -62,6 +62,9 @@ class CaptionScores:
 
     scores: dict[str, float]
     per_image: dict[str, dict[str, float]] = field(default_factory=dict)
+    # What the user should know about the scores (one line each), e.g. captions that
+    # pycocoevalcap's tokenizer pairs with another caption's tokens.
+    warnings: list[str] = field(default_factory=list)
 
 
 # ---- the pure-Python scorers, run in worker processes ----------------------------------
@@ -148,6 +151,9 @@ def evaluate_captions(
         ref_tok, res_tok = tokenize_groups([list(references[k]) for k in keys], [[results[k]] for k in keys])
         gts = dict(zip(keys, ref_tok))
         res = dict(zip(keys, res_tok))
+        if "CIDEr" in metrics and not any(t for caps in ref_tok for t in caps):
+            # pycocoevalcap's CIDEr ends in `max() arg is an empty sequence` here.
+            raise GitcapError("CIDEr needs words: no reference caption has any left after tokenization")
         step("tokenize done")
 
         # One pycocoevalcap scorer per job; CIDEr, the slowest, is submitted first.
@@ -187,7 +193,29 @@ def evaluate_captions(
             meteor.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    return _collect(keys, metrics, raw)
+    scored = _collect(keys, metrics, raw)
+    scored.warnings.extend(_line_break_warnings(keys, references, results))
+    return scored
+
+
+def _line_break_warnings(
+    keys: list[str], references: Mapping[str, Sequence[str]], results: Mapping[str, str]
+) -> list[str]:
+    from gitcli.evaluate.ptb import breaks_lines
+
+    warnings = []
+    for side, captions in (
+        ("reference", [c for k in keys for c in references[k]]),
+        ("result", [results[k] for k in keys]),
+    ):
+        bad = sum(map(breaks_lines, captions))
+        if bad:
+            warnings.append(
+                f"{bad} {side} captions hold a character the PTB tokenizer reads as a line break "
+                r"(\r, \v, \f, U+2028, U+2029): like COCOEvalCap, the scores pair the later "
+                f"{side} captions with their neighbours' tokens; replace those characters to score the text as meant"
+            )
+    return warnings
 
 
 def _collect(keys: list[str], metrics: tuple[str, ...], raw: dict[str, tuple[object, object]]) -> CaptionScores:

@@ -179,12 +179,3 @@ class MeteorScorer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def meteor_score(
-    hypotheses: Sequence[str], references: Sequence[Sequence[str]], *, processes: int = 1, cut_table: bool = True
-) -> tuple[float, list[float]]:
-    """Start `processes` jars, score, stop them. `cut_table=False` loads the whole
-    paraphrase table (what pycocoevalcap does; the scores are the same)."""
-    corpus = (hypotheses, references) if cut_table else (None, None)
-    with MeteorScorer(processes, *corpus) as scorer:
-        return scorer.score(hypotheses, references)

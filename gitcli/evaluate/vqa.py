@@ -56,7 +56,9 @@ def vqa_accuracy(
 
     `annotations` is `{question_id: annotation}` as read by
     `gitcli.formats.coco.read_vqa_annotations`. Every predicted question must have an
-    annotation; questions are taken in the predictions' order (the results file's).
+    annotation. Questions are taken in the annotations' order, as the official code
+    does: float sums depend on their order, and a mean that lands on a rounding tie
+    would otherwise print 0.01 off.
     """
     if not predictions:
         raise GitcapError("nothing to score: no predictions")
@@ -66,9 +68,10 @@ def vqa_accuracy(
     per_question_raw: dict[int, float] = {}
     by_qtype: dict[str, list[float]] = {}
     by_atype: dict[str, list[float]] = {}
-    for qid, answer in predictions.items():
-        ann = annotations[qid]
-        acc = question_accuracy(answer, ann["answers"])
+    for qid, ann in annotations.items():
+        if qid not in predictions:
+            continue
+        acc = question_accuracy(predictions[qid], ann["answers"])
         per_question_raw[qid] = acc
         by_qtype.setdefault(ann["question_type"], []).append(acc)
         by_atype.setdefault(ann["answer_type"], []).append(acc)

@@ -1,4 +1,4 @@
-"""Deterministic caption-like sentences, for the scoring benchmark and tests.
+"""Deterministic caption-like sentences: a test fixture, also used by the scoring benchmark.
 
 Each image gets a scene (subject, action, place, details); its references and its
 result describe that scene with different wording, so the scores look like a real
