@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import console, user_errors
+from gitcli.cli.common import console, fail, user_errors
 
 
 @user_errors
@@ -41,14 +41,16 @@ def fetch(
 ) -> None:
     """Download the images of a caption TSV into resumable tar shards.
 
-    Re-run the same command to resume: complete shards are skipped.
+    Re-run the same command to resume: complete shards are skipped, and rows an option
+    refused (blocked address, --max-bytes, --max-pixels...) are fetched again when the
+    options now allow them. Exits 1 when no row of the run succeeded.
 
     [bold]Example:[/]  gitcap fetch Train_GCC-training.tsv --out data/cc3m/train --resize 256
     """
     from gitcli.fetch import FetchConfig
     from gitcli.fetch import fetch as run_fetch
     from gitcli.fetch.config import default_processes, parse_part
-    from gitcli.fetch.report import outcome_table
+    from gitcli.fetch.report import nothing_fetched, outcome_table
     from gitcli.formats.cc import TsvLayout
     from gitcli.formats.images import ImageSettings
 
@@ -81,3 +83,6 @@ def fetch(
     o = summary.overall
     console.print(f"dataset {out}: {o['shards']} complete shards, {o['ok']:,}/{o['rows']:,} images "
                   f"({100 * o['success_rate']:.1f}%); stats in {out / 'stats.json'}")
+    problem = nothing_fetched(summary.outcomes, cfg)
+    if problem:  # a run that produced nothing must not look like a success to a script
+        raise fail(problem, code=1)

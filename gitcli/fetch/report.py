@@ -114,6 +114,7 @@ _DESCRIPTIONS = {
     outcomes.TOO_MANY_PIXELS: "dimensions over the pixel limit",
     outcomes.NOT_AN_IMAGE: "not an image (e.g. an HTML page)",
     outcomes.DECODE_ERROR: "corrupt or truncated image",
+    outcomes.UNSUPPORTED_IMAGE: "an image type or feature gitcap cannot decode",
     outcomes.TOO_MANY_REDIRECTS: "redirect loop",
 }
 
@@ -131,3 +132,42 @@ def outcome_table(counts: Counter[str] | dict[str, int], title: str) -> Table:
             meaning += " (transient: --retry-failed)"
         table.add_row(name, f"{n:,}", f"{100 * n / total:.1f}%" if total else "-", meaning)
     return table
+
+
+def _fix(outcome: str, cfg: Any) -> str:
+    """What the user can do when most rows ended with `outcome`."""
+    if outcome == outcomes.BLOCKED_ADDRESS:
+        return ("the URLs resolve to private or otherwise non-public addresses; for a LAN mirror pass "
+                "--allow-private-addresses or --allow-address CIDR and run the same command again")
+    if outcome == outcomes.TOO_LARGE:
+        return f"the bodies are over --max-bytes {cfg.max_bytes:,}; raise it and run the same command again"
+    if outcome == outcomes.TOO_MANY_PIXELS:
+        return (f"the images are over --max-pixels {cfg.image.max_pixels:,}; raise it and run the same "
+                "command again")
+    if outcome == outcomes.OPTED_OUT:
+        return "the servers opt these images out with X-Robots-Tag (see --disallowed-x-robots-tags)"
+    if outcome == outcomes.EXCLUDED:
+        return "the URLs are on the exclusion list (built-in, or --exclude-urls)"
+    if outcome == outcomes.BAD_URL:
+        return "the URL column holds no http(s) URLs; check --url-column (and --header)"
+    if outcome == outcomes.DNS_ERROR:
+        return "the host names do not resolve; check this machine's network and DNS"
+    if outcomes.is_transient(outcome):
+        return ("the servers did not answer in time or failed; check the network (or --timeout), "
+                "then run again with --retry-failed")
+    if outcome in (outcomes.NOT_AN_IMAGE, outcomes.DECODE_ERROR, outcomes.UNSUPPORTED_IMAGE):
+        return "the URLs do not serve images gitcap can read; check --url-column"
+    if outcome.startswith("http_"):
+        return f"the servers answered HTTP {outcome[5:]}: the URLs are gone or refused"
+    return _DESCRIPTIONS.get(outcome, outcome)
+
+
+def nothing_fetched(counts: Counter[str] | dict[str, int], cfg: Any) -> str | None:
+    """None when some row of this run succeeded (or there was nothing to do); else one
+    line naming the most common cause and its fix."""
+    total = sum(counts.values())
+    if total == 0 or counts.get(outcomes.OK, 0):
+        return None
+    top, n = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
+    share = f"all {total:,} rows" if n == total else f"no row of {total:,} succeeded; {n:,} rows"
+    return f"{share} {top}: {_fix(top, cfg)}"

@@ -11,7 +11,7 @@ from typing import Any
 from gitcli import __version__
 from gitcli.fetch import outcomes
 from gitcli.fetch.config import FetchConfig
-from gitcli.fetch.plan import ShardPlan
+from gitcli.fetch.plan import ShardPlan, limits
 from gitcli.formats.atomic import TMP_MARK
 from gitcli.formats.shards import (
     FilesShardWriter,
@@ -90,6 +90,7 @@ class ShardJob:
             "bytes_downloaded": self.bytes_downloaded,
             "seconds": round(time.time() - self.started, 3),
             "retried_rows": len(self.plan.retry_rows) if self.plan.retry_rows is not None else 0,
+            "limits": limits(self.cfg),  # what a rerun compares its options with
             "gitcap_version": __version__,
         }
         write_stats(self.cfg.out, self.shard_id, stats)

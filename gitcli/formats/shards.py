@@ -173,8 +173,14 @@ def read_status(folder: Path, shard_id: int) -> list[dict[str, Any]]:
 
 
 def read_stats(folder: Path, shard_id: int) -> dict[str, Any]:
-    with open(stats_path(folder, shard_id), encoding="utf-8") as f:
-        return json.load(f)
+    path = stats_path(folder, shard_id)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise GitcapError(f"stats file missing: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GitcapError(f"{path} is not valid JSON ({exc}); delete it to fetch that shard again") from None
 
 
 def iter_tar(path: Path) -> Iterator[Sample]:
