@@ -179,14 +179,18 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     (["{tsv}", "--out", "o", "--allow-address", "not-an-ip"], "not an IP address"),
     (["{tsv}", "--out", "o", "--format", "zip"], "--format"),
     (["{tsv}", "--out", "o", "--url-column", "url"], "--header"),
+    (["{tsv}", "--out", "o", "--header", "--url-column", "link"], "not in the header"),
+    (["{folder}", "--out", "o"], "got a folder"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
     tsv = write_tsv(tmp_path / "rows.tsv", [("a", "http://example.invalid/a.jpg")])
-    result = cli(*[a.replace("{tsv}", str(tsv)) if a == "{tsv}" else (str(tmp_path / a) if a == "o" else a) for a in args])
+    names = {"{tsv}": str(tsv), "{folder}": str(tmp_path), "o": str(tmp_path / "o")}
+    result = cli(*[names.get(a, a) for a in args])
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing is created before the input is known good
 
 
 def test_help_has_an_example():

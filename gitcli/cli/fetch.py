@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import console, fail, user_errors
+from gitcli.cli.common import console, fail, output_dir, user_errors
 
 
 @user_errors
@@ -77,6 +77,7 @@ def fetch(
         user_agent_token=user_agent_token,
         progress=not no_progress,
     )
+    output_dir(out)
     summary = run_fetch(cfg, console=console)
     console.print(outcome_table(summary.outcomes, f"this run: {summary.rows:,} rows in {summary.seconds:.1f}s "
                                 f"({summary.ok / max(summary.seconds, 1e-9):,.0f} images/s)"))

@@ -52,6 +52,7 @@ class FetchSummary:
 def fetch(cfg: FetchConfig, console: Console | None = None) -> FetchSummary:
     """Fetch every row of `cfg.tsv` that this run is responsible for (see plan.py)."""
     cfg.validate()
+    check_input(cfg)  # a missing TSV or a wrong column must not leave an empty --out behind
     cfg.out.mkdir(parents=True, exist_ok=True)
     planner = Planner(cfg)
     total = planner.count(read_rows(cfg.tsv, cfg.layout))
@@ -67,6 +68,16 @@ def fetch(cfg: FetchConfig, console: Console | None = None) -> FetchSummary:
     summary.seconds = time.time() - started
     summary.overall = write_overall_stats(cfg.out)
     return summary
+
+
+def check_input(cfg: FetchConfig) -> None:
+    """Open the TSV and read its first row: a missing file, a folder, an unknown column
+    name or a name without --header is a GitcapError here, before anything is created."""
+    rows = read_rows(cfg.tsv, cfg.layout)
+    try:
+        next(rows, None)
+    finally:
+        rows.close()
 
 
 def _fetch_in_process(cfg: FetchConfig, planner: Planner, reporter: Reporter, summary: FetchSummary) -> None:
