@@ -205,3 +205,43 @@ def test_fetch_is_a_torch_free_leaf():
             "'gitcli.errors', 'gitcli.cli')))]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow  # four processes: about 12 s on 2 cores
+def test_a_second_run_of_the_same_part_is_refused_other_parts_run(server, tmp_path):
+    jpg = image_bytes()
+    gate = threading.Event()  # shard 0's rows hang until the refused runs are done
+
+    async def held(request, n):
+        import asyncio
+        while not gate.is_set():
+            await asyncio.sleep(0.02)
+        return web.Response(body=jpg, content_type="image/jpeg")
+
+    rows = [("held", server.add("/held.jpg", held))] * 2 + [("free", server.add_bytes("/free.jpg", jpg))] * 2
+    tsv = write_tsv(tmp_path / "rows.tsv", rows)
+    out = tmp_path / "out"
+    base = [sys.executable, "-m", "gitcli", "fetch", str(tsv), "--out", str(out), "--shard-size", "2",
+            "--allow-address", "127.0.0.1", "--processes", "0", "--retries", "0", "--no-progress"]
+    first = subprocess.Popen(base + ["--part", "1/2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while server.hits["/held.jpg"] == 0 and time.monotonic() < deadline:
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        assert server.hits["/held.jpg"] > 0  # the first run is mid-shard, holding its lock
+
+        second = subprocess.run(base + ["--part", "1/2"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+        assert f"pid {first.pid}" in second.stderr and "--part 1/2" in second.stderr
+
+        other = subprocess.run(base + ["--part", "2/2"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert other.returncode == 0, other.stderr  # the other part shares the folder by design
+        assert complete_shards(out) == [1]
+    finally:
+        gate.set()
+        assert first.wait(60) == 0, first.stderr.read()
+    assert complete_shards(out) == [0, 1]
+    check_dataset(out, 4, shard_size=2)
+    assert not list(out.glob(".*.lock"))  # released and removed

@@ -30,6 +30,7 @@ from gitcli.fetch.report import Reporter, write_overall_stats
 from gitcli.fetch.shard_fetch import fetch_shard
 from gitcli.fetch.worker import init_worker, run_shard
 from gitcli.formats.cc import read_rows
+from gitcli.formats.lock import OutputLock, lock_for_dir
 
 
 @dataclass
@@ -54,6 +55,22 @@ def fetch(cfg: FetchConfig, console: Console | None = None) -> FetchSummary:
     cfg.validate()
     check_input(cfg)  # a missing TSV or a wrong column must not leave an empty --out behind
     cfg.out.mkdir(parents=True, exist_ok=True)
+    with output_lock(cfg):
+        return _fetch_locked(cfg, console)
+
+
+def output_lock(cfg: FetchConfig) -> OutputLock:
+    """One run per part of a folder: the `--part I/N` runs that share a folder by design
+    take differently named locks; a second run of the same part is refused."""
+    i, n = cfg.part
+    if n == 1:
+        return OutputLock(lock_for_dir(cfg.out, "fetch"), what=f"--out {cfg.out}",
+                          hint="wait for it to finish or fetch into another --out")
+    return OutputLock(lock_for_dir(cfg.out, f"fetch-part-{i}-of-{n}"), what=f"--part {i}/{n} of --out {cfg.out}",
+                      hint="wait for it to finish or fetch another part")
+
+
+def _fetch_locked(cfg: FetchConfig, console: Console | None) -> FetchSummary:
     planner = Planner(cfg)
     total = planner.count(read_rows(cfg.tsv, cfg.layout))
     summary = FetchSummary()
