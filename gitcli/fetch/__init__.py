@@ -10,7 +10,7 @@ Modules, one job each:
     plan       which shards and rows this run fetches (resume, --part, --retry-failed)
     shard      one shard being written: samples, status lines, stats
     report     progress bar, outcome table, overall stats
-    worker     worker processes: each fetches whole shards (own event loop, inline decode)
+    worker     worker processes: each fetches whole shards (own event loop, decoding threads)
     shard_fetch  one shard: download rows with bounded concurrency, normalise, write
     run        the orchestration: plans shards, deals them to workers, shows progress
 """
