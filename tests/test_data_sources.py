@@ -183,3 +183,15 @@ def test_validation_on_a_git_tsv_picks_best(tmp_path, scenes):
     assert all(r["captions"] == 3 and r["questions"] == 0 and r["CIDEr"] is not None for r in reports)
     assert result.best_score == max(r["score"] for r in reports)
     assert (tmp_path / "run" / "best" / "gitcap.json").is_file()
+
+
+def test_a_shard_member_declaring_gigabytes_is_skipped_and_noted(tmp_path):
+    from test_formats_shards import sparse_member_tar
+
+    from gitcli.formats.shards import write_stats
+
+    sparse_member_tar(tmp_path / "00000.tar", declared=3 << 30)
+    write_stats(tmp_path, 0, {"ok": 2})
+    records, load, notes = build_source(DataConfig(source=str(tmp_path)))
+    assert [(r.key, r.target) for r in records] == [("000000001", "caption 1")]
+    assert notes == {"oversized tar members skipped": 1}

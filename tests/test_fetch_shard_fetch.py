@@ -72,3 +72,41 @@ def test_decode_threads_follow_the_workers_share_of_the_cores(monkeypatch):
         return shard_fetch.decode_threads(FetchConfig(tsv=Path("x.tsv"), out=Path("x"), processes=processes))
 
     assert [threads(0), threads(2), threads(3), threads(8)] == [8, 4, 3, 2]  # never below 2
+
+
+def test_a_shard_is_durable_in_order_tar_then_status_then_stats(tmp_path, monkeypatch):
+    """After a power loss, a stats file (the shard is complete) implies its tar and status
+    are on disk: each file is fsynced before its rename, each rename is made durable (a
+    directory fsync) before the next file appears, and the stats file comes last."""
+    import os
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    server = LoopbackServer("127.0.0.1")
+    try:
+        rows = [Row(i, f"r{i}", server.add_bytes(f"/{i}.jpg", image_bytes())) for i in range(2)]
+        out = tmp_path / "out"
+        out.mkdir()
+        cfg = FetchConfig(tsv=tmp_path / "unused.tsv", out=out, allow_addresses=("127.0.0.1",), processes=0,
+                          retries=0, timeout=5.0, progress=False, shard_size=100)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        asyncio.run(shard_fetch.fetch_shard(cfg, ShardPlan(0), rows, lambda outcome, nbytes: None))
+    finally:
+        monkeypatch.undo()
+        server.close()
+    renames = [name for kind, name in events if kind == "rename"]
+    assert renames == ["00000.tar", "00000_status.jsonl", "00000_stats.json"]
+    for name in renames:
+        at = events.index(("rename", name))
+        assert events[at - 1][0] == "fsync" and events[at - 1][1].startswith(f".{name}.tmp-")  # content first
+        assert events[at + 1] == ("fsync", "out")  # the rename itself, before anything else appears

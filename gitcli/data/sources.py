@@ -133,32 +133,15 @@ def vqa_records(images: Path, questions: Path, annotations: Path) -> tuple[list[
     return records, loader, missing
 
 
-def shard_records(source: str) -> list[Record]:
-    """Index the tar shards `gitcap fetch` writes: each image's offset, and its caption."""
-    import tarfile
+def shard_records(source: str) -> tuple[list[Record], int]:
+    """Index the tar shards `gitcap fetch` writes: where each image lies, and its caption
+    (formats.shards reads them; no image is read here). -> (records, members skipped)"""
+    from gitcli.formats.shards import ShardReader
 
-    from gitcli.formats.shards import shard_paths
-
-    records = []
-    for path in shard_paths(source):
-        images: dict[str, tuple[int, int]] = {}
-        captions: dict[str, str] = {}
-        try:
-            with tarfile.open(path, "r") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, ext = member.name.rpartition("/")[2].partition(".")
-                    if ext == "jpg":
-                        images[key] = (member.offset_data, member.size)
-                    elif ext == "txt":
-                        captions[key] = tar.extractfile(member).read().decode("utf-8").strip()
-        except (OSError, tarfile.TarError) as exc:
-            raise GitcapError(f"cannot read shard {path}: {exc}") from None
-        for key, (offset, size) in images.items():
-            if captions.get(key):
-                records.append(Record((str(path), offset, size), None, captions[key], key=key))
-    return records
+    reader = ShardReader(source, images=False)
+    records = [Record(s.image_ref, None, caption, key=s.key)
+               for s in reader if s.image_ref is not None and (caption := s.caption.strip())]
+    return records, reader.skipped
 
 
 def synthetic_records(size: int, seed: int, task: str, questions_per_scene: int = 0) -> list[Record]:
@@ -225,7 +208,8 @@ def build_source(cfg: DataConfig):
         records, unlabelled = git_tsv_records(path, Path(cfg.captions))
         return records, TsvImages(src), {"images without captions": unlabelled}
     if path.suffix == ".tar" or path.is_dir() or "{" in src:
-        return shard_records(src), TarMemberImages(), {}
+        records, skipped = shard_records(src)
+        return records, TarMemberImages(), ({"oversized tar members skipped": skipped} if skipped else {})
     if path.suffix in (".tsv", ".gz") and cfg.image_root:
         records, missing = cc_tsv_records(path, Path(cfg.image_root))
         return records, FileImages(), {"missing images": missing}
