@@ -164,30 +164,23 @@ def synthetic_records(size: int, seed: int, task: str, questions_per_scene: int 
 
 
 def cc_tsv_records(tsv: Path, image_root: Path) -> tuple[list[Record], int]:
-    """Conceptual Captions `caption<TAB>url` rows; images `%08d.jpg` by row. -> (records, missing)"""
+    """Conceptual Captions `caption<TAB>url` rows; images `%08d.jpg` by row. -> (records, missing)
+
+    Parsed by formats.cc, the parser `gitcap fetch` uses, so row N here is the row that
+    fetch saved as N (a stray carriage return splits neither)."""
+    from gitcli.formats.cc import read_rows
+
     records, missing = [], 0
-    opener = _open_text(tsv)
-    with opener as fh:
-        for row, line in enumerate(fh):
-            caption = line.rstrip("\n").split("\t", 1)[0].strip()
-            image = image_root / f"{row:08d}.jpg"
-            if not caption:
-                continue
-            if not image.is_file():
-                missing += 1
-                continue
-            records.append(Record(str(image), None, caption, key=f"{row:08d}"))
+    for row in read_rows(tsv):
+        caption = row.caption.strip()
+        if not caption:
+            continue
+        image = image_root / f"{row.index:08d}.jpg"
+        if not image.is_file():
+            missing += 1
+            continue
+        records.append(Record(str(image), None, caption, key=f"{row.index:08d}"))
     return records, missing
-
-
-def _open_text(path: Path):
-    if not path.is_file():
-        raise GitcapError(f"data file not found: {path}")
-    if path.suffix == ".gz":
-        import gzip
-
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
 
 
 def build_source(cfg: DataConfig):
