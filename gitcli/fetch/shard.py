@@ -46,8 +46,6 @@ class ShardJob:
         self.cfg = cfg
         self.plan = plan
         self.shard_id = plan.shard_id
-        self.pending = 0  # rows handed out and not yet recorded
-        self.closed = False  # every row of the shard has been handed out
         self.finished = False
         self.bytes_downloaded = 0
         self.started = time.time()
