@@ -106,6 +106,9 @@ def test_cli_run_with_no_success_exits_nonzero_and_names_the_fix(server, tmp_pat
     assert "Traceback" not in first.stderr
     last = first.stderr.strip().splitlines()[-1]
     assert "all 3 rows blocked_address" in last and "--allow-address" in last
+    # the outcome table and the dataset line are the result (stdout); the error is not
+    assert "blocked_address" in first.stdout and "dataset" in first.stdout and "error" not in first.stdout
+    assert "this run" not in first.stderr
     fixed = cli(str(tsv), "--out", str(out), "--allow-address", "127.0.0.1")
     assert fixed.returncode == 0, fixed.stderr
     assert outcomes(out, 3) == ["ok"] * 3 and server.hits["/lan.jpg"] == 3

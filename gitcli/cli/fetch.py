@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import console, fail, output_dir, user_errors
+from gitcli.cli.common import console, fail, out_console, output_dir, user_errors
 
 
 @user_errors
@@ -79,11 +79,12 @@ def fetch(
     )
     output_dir(out)
     summary = run_fetch(cfg, console=console)
-    console.print(outcome_table(summary.outcomes, f"this run: {summary.rows:,} rows in {summary.seconds:.1f}s "
-                                f"({summary.ok / max(summary.seconds, 1e-9):,.0f} images/s)"))
+    # the outcome table and the dataset's totals are the command's result: stdout
+    out_console.print(outcome_table(summary.outcomes, f"this run: {summary.rows:,} rows in {summary.seconds:.1f}s "
+                                    f"({summary.ok / max(summary.seconds, 1e-9):,.0f} images/s)"))
     o = summary.overall
-    console.print(f"dataset {out}: {o['shards']} complete shards, {o['ok']:,}/{o['rows']:,} images "
-                  f"({100 * o['success_rate']:.1f}%); stats in {out / 'stats.json'}")
+    out_console.print(f"dataset {out}: {o['shards']} complete shards, {o['ok']:,}/{o['rows']:,} images "
+                      f"({100 * o['success_rate']:.1f}%); stats in {out / 'stats.json'}")
     problem = nothing_fetched(summary.outcomes, cfg)
     if problem:  # a run that produced nothing must not look like a success to a script
         raise fail(problem, code=1)

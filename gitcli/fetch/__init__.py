@@ -1,6 +1,7 @@
 """`gitcap fetch`: download the images of a caption TSV into shards, politely and resumably.
 
-A torch-free level-2 leaf: imports only `gitcli.formats`, `gitcli.config`, `gitcli.errors`.
+A torch-free level-2 leaf: imports only `gitcli.formats`, `gitcli.config`, `gitcli.errors`
+and the torch-free progress bar `gitcli.progress`.
 
 Modules, one job each:
     config     FetchConfig: every option, validated

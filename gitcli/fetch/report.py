@@ -1,5 +1,6 @@
-"""What the user sees: a live progress bar while rows stream through, an outcome table at
-the end, and `<out>/stats.json` summing every complete shard of the dataset."""
+"""What the user sees: a live progress bar while rows stream through (stderr), an outcome
+table at the end (the CLI prints it on stdout), and `<out>/stats.json` summing every
+complete shard of the dataset."""
 
 from __future__ import annotations
 
@@ -9,68 +10,56 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from gitcli.config import write_json
 from gitcli.fetch import outcomes
 from gitcli.formats.shards import complete_shards, read_stats
+from gitcli.progress import ProgressBar
 
 OVERALL_STATS = "stats.json"
 
 
-class Reporter:
-    """Counts outcomes of this run and drives the progress bar."""
+class FetchProgress:
+    """This run's outcome counts, shown live on the progress bar (rows, images/s,
+    success rate, MB/s, time left)."""
 
     def __init__(self, console: Console | None, total: int, enabled: bool = True):
         self.counts: Counter[str] = Counter()
         self.bytes = 0
         self.started = time.time()
-        self._console = console or Console(stderr=True)
-        self._progress = Progress(
-            TextColumn("[bold]fetch"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("rows"),
-            TextColumn("{task.fields[stats]}"),
-            TimeRemainingColumn(),
-            console=self._console,
-            disable=not enabled,
-            refresh_per_second=4,
-        )
-        self._task = self._progress.add_task("fetch", total=total, stats="")
+        self._bar = ProgressBar("fetch", total, unit="rows", enabled=enabled, console=console)
         self._last_refresh = 0.0
 
-    def __enter__(self) -> "Reporter":
-        self._progress.start()
+    def __enter__(self) -> "FetchProgress":
+        self._bar.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._refresh_fields()
-        self._progress.stop()
+        self._bar.show(self._bar.completed, self._rates())
+        self._bar.__exit__(*exc)
 
     def row_done(self, outcome: str, nbytes: int) -> None:
         self.counts[outcome] += 1
         self.bytes += nbytes
-        self._progress.advance(self._task)
         now = time.monotonic()
         if now - self._last_refresh > 0.25:  # formatting per row would cost more than the row
             self._last_refresh = now
-            self._refresh_fields()
+            self._bar.advance(1, self._rates())
+        else:
+            self._bar.advance(1)
 
     def add_counts(self, counts: dict[str, int], nbytes: int) -> None:
         """Batched counts from a worker process."""
         self.counts.update(counts)
         self.bytes += nbytes
-        self._progress.advance(self._task, sum(counts.values()))
-        self._refresh_fields()
+        self._bar.advance(sum(counts.values()), self._rates())
 
-    def _refresh_fields(self) -> None:
+    def _rates(self) -> str:
         elapsed = max(time.time() - self.started, 1e-6)
         done = sum(self.counts.values())
         ok = self.counts.get(outcomes.OK, 0)
-        rate = f"{ok / elapsed:,.0f} img/s · {100 * ok / done if done else 0:.0f}% ok · {self.bytes / elapsed / 1e6:.1f} MB/s"
-        self._progress.update(self._task, stats=rate)
+        return f"{ok / elapsed:,.0f} img/s · {100 * ok / done if done else 0:.0f}% ok · {self.bytes / elapsed / 1e6:.1f} MB/s"
 
 
 def overall_stats(out: Path) -> dict[str, Any]:

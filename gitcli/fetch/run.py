@@ -26,7 +26,7 @@ from rich.console import Console
 from gitcli.fetch import outcomes
 from gitcli.fetch.config import FetchConfig
 from gitcli.fetch.plan import Planner, shards_with_rows
-from gitcli.fetch.report import Reporter, write_overall_stats
+from gitcli.fetch.report import FetchProgress, write_overall_stats
 from gitcli.fetch.shard_fetch import fetch_shard
 from gitcli.fetch.worker import init_worker, run_shard
 from gitcli.formats.cc import read_rows
@@ -75,13 +75,13 @@ def _fetch_locked(cfg: FetchConfig, console: Console | None) -> FetchSummary:
     total = planner.count(read_rows(cfg.tsv, cfg.layout))
     summary = FetchSummary()
     started = time.time()
-    with Reporter(console, total, enabled=cfg.progress) as reporter:
+    with FetchProgress(console, total, enabled=cfg.progress) as fetch_progress:
         if cfg.processes == 0:
-            _fetch_in_process(cfg, planner, reporter, summary)
+            _fetch_in_process(cfg, planner, fetch_progress, summary)
         else:
-            _fetch_in_workers(cfg, planner, reporter, summary)
-    summary.outcomes = reporter.counts
-    summary.bytes_downloaded = reporter.bytes
+            _fetch_in_workers(cfg, planner, fetch_progress, summary)
+    summary.outcomes = fetch_progress.counts
+    summary.bytes_downloaded = fetch_progress.bytes
     summary.seconds = time.time() - started
     summary.overall = write_overall_stats(cfg.out)
     return summary
@@ -97,9 +97,9 @@ def check_input(cfg: FetchConfig) -> None:
         rows.close()
 
 
-def _fetch_in_process(cfg: FetchConfig, planner: Planner, reporter: Reporter, summary: FetchSummary) -> None:
+def _fetch_in_process(cfg: FetchConfig, planner: Planner, fetch_progress: FetchProgress, summary: FetchSummary) -> None:
     for plan, rows in shards_with_rows(planner, read_rows(cfg.tsv, cfg.layout)):
-        asyncio.run(fetch_shard(cfg, plan, rows, reporter.row_done))
+        asyncio.run(fetch_shard(cfg, plan, rows, fetch_progress.row_done))
         summary.shards_written.append(plan.shard_id)
 
 
@@ -109,7 +109,7 @@ def _worker_config(cfg: FetchConfig) -> FetchConfig:
     return dataclasses.replace(cfg, concurrency=max(1, cfg.concurrency // n), per_host=max(1, cfg.per_host // n))
 
 
-def _fetch_in_workers(cfg: FetchConfig, planner: Planner, reporter: Reporter, summary: FetchSummary) -> None:
+def _fetch_in_workers(cfg: FetchConfig, planner: Planner, fetch_progress: FetchProgress, summary: FetchSummary) -> None:
     # spawn, not fork: the main process runs rich's refresh thread, and forking a
     # process with threads can copy a held lock into the child
     ctx = multiprocessing.get_context("spawn")
@@ -124,7 +124,7 @@ def _fetch_in_workers(cfg: FetchConfig, planner: Planner, reporter: Reporter, su
                 counts, nbytes = progress.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue_module.Empty:
                 return
-            reporter.add_counts(counts, nbytes)
+            fetch_progress.add_counts(counts, nbytes)
 
     def collect(done) -> None:
         for fut in done:
