@@ -121,3 +121,31 @@ def test_nothing_fetched_names_the_top_cause():
     message = nothing_fetched({"http_404": 2, "too_large": 5}, cfg)
     assert message.startswith("no row of 7 succeeded; 5 rows too_large") and "--max-bytes 1,000" in message
     assert "--retry-failed" in nothing_fetched({"timeout": 4}, cfg)
+
+
+def test_a_complete_shard_fetched_from_other_rows_is_fetched_again(server, tmp_path):
+    from gitcli.formats.cc import TsvLayout
+    from gitcli.formats.shards import iter_samples
+
+    urls = [server.add_bytes(f"/c{i}.jpg", image_bytes()) for i in range(3)]
+    tsv = tmp_path / "rows.tsv"
+    tsv.write_text("".join(f"{u}\tcaption {i}\n" for i, u in enumerate(urls)))  # url first: not CC's order
+    out = tmp_path / "out"
+    allowed = dict(allow_addresses=("127.0.0.1",))
+    summary = run(tmp_path, tsv, **allowed)
+    assert outcomes(out, 3) == ["bad_url"] * 3
+    assert "--url-column" in nothing_fetched(summary.outcomes, FetchConfig(tsv=tsv, out=out))
+
+    # the fix the message names: the right columns; the complete shard is not trusted
+    fixed = TsvLayout(url_column="0", caption_column="1")
+    assert run(tmp_path, tsv, layout=fixed, **allowed).rows == 3
+    assert outcomes(out, 3) == ["ok"] * 3
+    assert sorted((s.key, s.caption) for s in iter_samples(out)) == [(f"{i:09d}", f"caption {i}") for i in range(3)]
+    assert run(tmp_path, tsv, layout=fixed, **allowed).rows == 0  # and now it is
+    check_dataset(out, 3)
+
+    # a TSV that grew (a first try on its head): the last shard is completed, not trusted
+    tsv.write_text(tsv.read_text() + f"{server.add_bytes('/c3.jpg', image_bytes())}\tcaption 3\n")
+    assert run(tmp_path, tsv, layout=fixed, **allowed).rows == 4
+    assert outcomes(out, 4) == ["ok"] * 4
+    check_dataset(out, 4)
