@@ -149,3 +149,24 @@ def test_a_complete_shard_fetched_from_other_rows_is_fetched_again(server, tmp_p
     assert run(tmp_path, tsv, layout=fixed, **allowed).rows == 4
     assert outcomes(out, 4) == ["ok"] * 4
     check_dataset(out, 4)
+
+
+def test_a_longer_timeout_asks_again_for_the_rows_that_timed_out(server, tmp_path):
+    import asyncio
+
+    from aiohttp import web
+
+    body = image_bytes()
+
+    async def slow(request, n):
+        await asyncio.sleep(0.6)
+        return web.Response(body=body, content_type="image/jpeg")
+
+    tsv = write_tsv(tmp_path / "rows.tsv", [("slow", server.add("/slow.jpg", slow)),
+                                            ("fast", server.add_bytes("/fast.jpg", body))])
+    allowed = dict(allow_addresses=("127.0.0.1",))
+    run(tmp_path, tsv, timeout=0.2, **allowed)
+    assert outcomes(tmp_path / "out", 2) == ["timeout", "ok"]
+    assert run(tmp_path, tsv, timeout=0.2, **allowed).rows == 0  # same timeout: final for this setting
+    assert run(tmp_path, tsv, timeout=5.0, **allowed).rows == 1
+    assert outcomes(tmp_path / "out", 2) == ["ok", "ok"] and server.hits["/fast.jpg"] == 1

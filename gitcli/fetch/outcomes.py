@@ -28,6 +28,7 @@ OPTION_CAUSED = {
     TOO_MANY_PIXELS: "--max-pixels",
     OPTED_OUT: "--disallowed-x-robots-tags",
     EXCLUDED: "--exclude-urls",
+    TIMEOUT: "--timeout",
 }
 
 

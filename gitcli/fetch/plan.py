@@ -35,6 +35,7 @@ def limits(cfg: FetchConfig) -> dict[str, Any]:
         "max_pixels": cfg.image.max_pixels,
         "disallowed_robots": sorted(d.lower() for d in cfg.disallowed_robots),
         "exclude_urls": excluded,
+        "timeout": cfg.timeout,
     }
 
 
@@ -54,6 +55,8 @@ def loosened(recorded: dict[str, Any] | None, now: dict[str, Any]) -> set[str]:
         changed.add(outcomes.OPTED_OUT)
     if now["exclude_urls"] != old["exclude_urls"]:
         changed.add(outcomes.EXCLUDED)
+    if now["timeout"] > old["timeout"]:
+        changed.add(outcomes.TIMEOUT)  # transient too: --retry-failed also asks again
     return changed
 
 
