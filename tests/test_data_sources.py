@@ -186,7 +186,7 @@ def test_validation_on_a_git_tsv_picks_best(tmp_path, scenes):
 
 
 def test_a_shard_member_declaring_gigabytes_is_skipped_and_noted(tmp_path):
-    from test_formats_shards import sparse_member_tar
+    from support.shards import sparse_member_tar
 
     from gitcli.formats.shards import write_stats
 

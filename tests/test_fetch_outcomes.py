@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from PIL import Image
-from test_fetch_support import LoopbackServer, image_bytes, png_declaring, status_by_key, write_tsv
+from support.fetch import LoopbackServer, image_bytes, png_declaring, status_by_key, write_tsv
 
 from gitcli.fetch import FetchConfig, fetch
 from gitcli.formats.images import ImageSettings

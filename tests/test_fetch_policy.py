@@ -8,7 +8,7 @@ import ipaddress
 
 import pytest
 from aiohttp import web
-from test_fetch_support import LoopbackServer, image_bytes, status_by_key, write_tsv
+from support.fetch import LoopbackServer, image_bytes, status_by_key, write_tsv
 from yarl import URL
 
 from gitcli.fetch import FetchConfig, fetch

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_fetch_resume import check_dataset
-from test_fetch_support import LoopbackServer, image_bytes, png_declaring, status_by_key, write_tsv
+from support.fetch import LoopbackServer, check_dataset, image_bytes, status_by_key, write_tsv
 
 from gitcli.fetch import FetchConfig, fetch
 from gitcli.fetch.report import nothing_fetched

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from aiohttp import web
-from test_fetch_support import LoopbackServer, image_bytes, status_by_key, write_tsv
+from support.fetch import LoopbackServer, check_dataset, image_bytes, status_by_key, write_tsv
 
 from gitcli.fetch import FetchConfig, fetch
 from gitcli.formats.images import ImageSettings
@@ -34,27 +32,6 @@ def config(tmp_path: Path, tsv: Path, **options) -> FetchConfig:
                 timeout=5.0, progress=False, shard_size=4)
     opts.update(options)
     return FetchConfig(tsv=tsv, out=tmp_path / "out", **opts)
-
-
-def check_dataset(out: Path, n_rows: int, shard_size: int = 4) -> None:
-    """Every row recorded exactly once, every tar valid, stats add up."""
-    status = status_by_key(out)  # asserts no key twice
-    assert sorted(status) == [f"{i:09d}" for i in range(n_rows)]
-    overall_ok = 0
-    for shard in complete_shards(out):
-        stats = read_stats(out, shard)
-        with tarfile.open(out / f"{shard:05d}.tar") as tar:
-            names = tar.getnames()
-        keys = sorted({n.split(".")[0] for n in names})
-        assert len(names) == 3 * len(keys)  # jpg, txt, json for each key
-        ok_keys = sorted(k for k, s in status.items() if s["outcome"] == "ok" and int(k) // shard_size == shard)
-        assert keys == ok_keys
-        assert stats["ok"] == len(keys)
-        assert sum(stats["outcomes"].values()) == stats["rows"]
-        overall_ok += stats["ok"]
-    assert not list(out.glob(".*.tmp-*"))
-    overall = json.loads((out / "stats.json").read_text())
-    assert overall["rows"] == n_rows and overall["ok"] == overall_ok
 
 
 def test_sigkill_mid_run_then_rerun_accounts_for_every_row_once(server, tmp_path):

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from aiohttp import web
-from test_fetch_support import LoopbackServer, image_bytes
+from support.fetch import LoopbackServer, image_bytes
 
 from gitcli.fetch import shard_fetch
 from gitcli.fetch.config import FetchConfig
