@@ -41,9 +41,10 @@ def fetch(
 ) -> None:
     """Download the images of a caption TSV into resumable tar shards.
 
-    Re-run the same command to resume: complete shards are skipped, and rows an option
-    refused (blocked address, --max-bytes, --max-pixels...) are fetched again when the
-    options now allow them. Exits 1 when no row of the run succeeded.
+    Re-run the same command to resume: complete shards are skipped; rows
+    an option refused (blocked address, --max-bytes, --max-pixels, ...)
+    are fetched again once the options allow them. Exits 1 when no row
+    of the run succeeded.
 
     [bold]Example:[/]  gitcap fetch Train_GCC-training.tsv --out data/cc3m/train --resize 256
     """
