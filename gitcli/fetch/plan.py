@@ -23,6 +23,7 @@ from gitcli.fetch.outcomes import is_transient
 from gitcli.formats.cc import Row
 from gitcli.formats.shards import complete_shards, read_stats, read_status
 
+
 def limits(cfg: FetchConfig) -> dict[str, Any]:
     """The options that decide the option-caused outcomes, as a shard's stats record them."""
     excluded = None

@@ -3,6 +3,9 @@ must fetch (plan.py), and whole shards are dealt to `--processes` worker process
 (worker.py), at most one queued shard per worker ahead, so memory stays bounded whatever
 the TSV size. The main process only plans, shows progress and sums up.
 
+One run per part of a folder: the run holds an advisory lock on `--out` (one per
+`--part I/N`, so the parts of one fetch share the folder) from start to end.
+
 Ctrl-C: every process gets SIGINT; workers drop the temporary files of their unfinished
 shards, finished shards are final; `gitcap fetch` exits 130.
 """
