@@ -183,3 +183,35 @@ def test_validation_on_a_git_tsv_picks_best(tmp_path, scenes):
     assert all(r["captions"] == 3 and r["questions"] == 0 and r["CIDEr"] is not None for r in reports)
     assert result.best_score == max(r["score"] for r in reports)
     assert (tmp_path / "run" / "best" / "gitcap.json").is_file()
+
+
+def test_a_shard_member_declaring_gigabytes_is_skipped_and_noted(tmp_path):
+    from support.shards import sparse_member_tar
+
+    from gitcli.formats.shards import write_stats
+
+    sparse_member_tar(tmp_path / "00000.tar", declared=3 << 30)
+    write_stats(tmp_path, 0, {"ok": 2})
+    records, load, notes = build_source(DataConfig(source=str(tmp_path)))
+    assert [(r.key, r.target) for r in records] == [("000000001", "caption 1")]
+    assert notes == {"oversized tar members skipped": 1}
+
+
+def test_cc_tsv_rows_are_numbered_as_fetch_numbers_them(tmp_path, scenes):
+    """A carriage return inside a caption splits no row: row N is the image fetch saved as N."""
+    import gzip
+
+    from gitcli.formats.cc import read_rows
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for row in range(3):
+        (root / f"{row:08d}.jpg").write_bytes(_jpeg(scenes[row].image))
+    tsv = tmp_path / "train.tsv.gz"  # gzip is recognised by its bytes, like fetch does
+    with gzip.open(tsv, "wb") as f:
+        f.write(b"a red\rcircle\thttp://x/0.jpg\nsecond\thttp://x/1.jpg\nthird\thttp://x/2.jpg\n")
+    records, _, notes = build_source(DataConfig(source=str(tsv), image_root=str(root)))
+    assert [(r.key, r.target) for r in records] == [("00000000", "a red\rcircle"), ("00000001", "second"),
+                                                    ("00000002", "third")]
+    assert [(f"{r.index:08d}", r.caption) for r in read_rows(tsv)] == [(r.key, r.target) for r in records]
+    assert notes == {"missing images": 0}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from PIL import Image
-from test_fetch_support import LoopbackServer, image_bytes, png_declaring, status_by_key, write_tsv
+from support.fetch import LoopbackServer, image_bytes, png_declaring, status_by_key, write_tsv
 
 from gitcli.fetch import FetchConfig, fetch
 from gitcli.formats.images import ImageSettings
@@ -257,3 +257,36 @@ def test_stats_add_up_and_worker_processes_are_used(server, tmp_path):
     assert overall["rows"] == 12 and overall["ok"] == total_ok == 8
     for s in iter_samples(out):
         assert Image.open(io.BytesIO(s.jpeg)).size == (100, 100)
+
+
+def mpo_bytes() -> bytes:
+    """A two-frame MPO (what many cameras write): a JPEG with a second image appended."""
+    first, second = Image.new("RGB", (64, 48), (200, 0, 0)), Image.new("RGB", (64, 48), (0, 200, 0))
+    out = io.BytesIO()
+    first.save(out, "MPO", save_all=True, append_images=[second])
+    return out.getvalue()
+
+
+def test_unknown_bytes_and_mpo_get_gitcaps_own_outcomes(server, tmp_path):
+    rows = [("gif-like", server.add_bytes("/gif-like", b"GIF89a" + b"x" * 40, "image/gif")),
+            ("garbage", server.add_bytes("/garbage", b"\x00\x01garbage" * 20, "image/png")),
+            ("mpo", server.add_bytes("/camera.mpo", mpo_bytes()))]
+    status = run(tmp_path, rows, image=ImageSettings(resize=32))
+    assert [outcome(status, i) for i in range(3)] == ["not_an_image", "not_an_image", "ok"]
+    for i in range(2):
+        error = status[f"{i:09d}"]["error"]
+        assert error.startswith("not a JPEG, PNG") and "MPO" not in error and "Error" not in error
+
+
+def test_a_decoder_failure_pillow_did_not_foresee_is_a_row_outcome(server, tmp_path, monkeypatch):
+    from gitcli.formats import images
+
+    def unsupported(im):
+        raise KeyError("MPO")  # what Pillow raised for a type it could not open in full
+
+    monkeypatch.setattr(images, "_to_rgb", unsupported)
+    rows = [("png", server.add_bytes("/odd.png", image_bytes("PNG", (50, 40)), "image/png"))]
+    status = run(tmp_path, rows)
+    assert outcome(status, 0) == "unsupported_image"
+    assert status["000000000"]["error"] == "a PNG RGB image that gitcap cannot decode"
+    assert complete_shards(tmp_path / "out") == [0]

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from aiohttp import web
-from test_fetch_support import LoopbackServer, image_bytes, status_by_key, write_tsv
+from support.fetch import LoopbackServer, check_dataset, image_bytes, status_by_key, write_tsv
 
 from gitcli.fetch import FetchConfig, fetch
 from gitcli.formats.images import ImageSettings
@@ -34,27 +32,6 @@ def config(tmp_path: Path, tsv: Path, **options) -> FetchConfig:
                 timeout=5.0, progress=False, shard_size=4)
     opts.update(options)
     return FetchConfig(tsv=tsv, out=tmp_path / "out", **opts)
-
-
-def check_dataset(out: Path, n_rows: int, shard_size: int = 4) -> None:
-    """Every row recorded exactly once, every tar valid, stats add up."""
-    status = status_by_key(out)  # asserts no key twice
-    assert sorted(status) == [f"{i:09d}" for i in range(n_rows)]
-    overall_ok = 0
-    for shard in complete_shards(out):
-        stats = read_stats(out, shard)
-        with tarfile.open(out / f"{shard:05d}.tar") as tar:
-            names = tar.getnames()
-        keys = sorted({n.split(".")[0] for n in names})
-        assert len(names) == 3 * len(keys)  # jpg, txt, json for each key
-        ok_keys = sorted(k for k, s in status.items() if s["outcome"] == "ok" and int(k) // shard_size == shard)
-        assert keys == ok_keys
-        assert stats["ok"] == len(keys)
-        assert sum(stats["outcomes"].values()) == stats["rows"]
-        overall_ok += stats["ok"]
-    assert not list(out.glob(".*.tmp-*"))
-    overall = json.loads((out / "stats.json").read_text())
-    assert overall["rows"] == n_rows and overall["ok"] == overall_ok
 
 
 def test_sigkill_mid_run_then_rerun_accounts_for_every_row_once(server, tmp_path):
@@ -179,14 +156,18 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     (["{tsv}", "--out", "o", "--allow-address", "not-an-ip"], "not an IP address"),
     (["{tsv}", "--out", "o", "--format", "zip"], "--format"),
     (["{tsv}", "--out", "o", "--url-column", "url"], "--header"),
+    (["{tsv}", "--out", "o", "--header", "--url-column", "link"], "not in the header"),
+    (["{folder}", "--out", "o"], "got a folder"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
     tsv = write_tsv(tmp_path / "rows.tsv", [("a", "http://example.invalid/a.jpg")])
-    result = cli(*[a.replace("{tsv}", str(tsv)) if a == "{tsv}" else (str(tmp_path / a) if a == "o" else a) for a in args])
+    names = {"{tsv}": str(tsv), "{folder}": str(tmp_path), "o": str(tmp_path / "o")}
+    result = cli(*[names.get(a, a) for a in args])
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing is created before the input is known good
 
 
 def test_help_has_an_example():
@@ -198,6 +179,46 @@ def test_fetch_is_a_torch_free_leaf():
     code = ("import sys, gitcli.fetch, gitcli.cli.fetch; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') or "
             "(m.startswith('gitcli.') and not m.startswith(('gitcli.fetch', 'gitcli.formats', 'gitcli.config', "
-            "'gitcli.errors', 'gitcli.cli')))]; print(bad); sys.exit(1 if bad else 0)")
+            "'gitcli.errors', 'gitcli.progress', 'gitcli.cli')))]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow  # four processes: about 12 s on 2 cores
+def test_a_second_run_of_the_same_part_is_refused_other_parts_run(server, tmp_path):
+    jpg = image_bytes()
+    gate = threading.Event()  # shard 0's rows hang until the refused runs are done
+
+    async def held(request, n):
+        import asyncio
+        while not gate.is_set():
+            await asyncio.sleep(0.02)
+        return web.Response(body=jpg, content_type="image/jpeg")
+
+    rows = [("held", server.add("/held.jpg", held))] * 2 + [("free", server.add_bytes("/free.jpg", jpg))] * 2
+    tsv = write_tsv(tmp_path / "rows.tsv", rows)
+    out = tmp_path / "out"
+    base = [sys.executable, "-m", "gitcli", "fetch", str(tsv), "--out", str(out), "--shard-size", "2",
+            "--allow-address", "127.0.0.1", "--processes", "0", "--retries", "0", "--no-progress"]
+    first = subprocess.Popen(base + ["--part", "1/2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while server.hits["/held.jpg"] == 0 and time.monotonic() < deadline:
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        assert server.hits["/held.jpg"] > 0  # the first run is mid-shard, holding its lock
+
+        second = subprocess.run(base + ["--part", "1/2"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+        assert f"pid {first.pid}" in second.stderr and "--part 1/2" in second.stderr
+
+        other = subprocess.run(base + ["--part", "2/2"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert other.returncode == 0, other.stderr  # the other part shares the folder by design
+        assert complete_shards(out) == [1]
+    finally:
+        gate.set()
+        assert first.wait(60) == 0, first.stderr.read()
+    assert complete_shards(out) == [0, 1]
+    check_dataset(out, 4, shard_size=2)
+    assert not list(out.glob(".*.lock"))  # released and removed

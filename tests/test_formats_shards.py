@@ -8,6 +8,8 @@ import pytest
 
 from gitcli.errors import GitcapError
 from gitcli.formats import shards
+from support.shards import sparse_member_tar
+
 from gitcli.formats.shards import (
     TarShardWriter,
     complete_shards,
@@ -63,3 +65,52 @@ def test_aborted_writer_leaves_no_file(tmp_path):
     assert not (tmp_path / "00003.tar").exists()  # nothing under the final name until commit
     w.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sparse_member_declaring_3_gb_is_skipped_and_counted_never_read(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "00000.tar"
+    sparse_member_tar(path, declared=3 << 30)
+    assert path.stat().st_size < 20_000
+    with tarfile.open(path) as tar:
+        assert tar.getmembers()[0].size == 3 << 30  # what a naive reader would allocate
+    for images in (True, False):  # the full reader and training's index
+        tracemalloc.start()
+        reader = shards.ShardReader(path, images=images)
+        samples = list(reader)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert [s.key for s in samples] == ["000000001"] and samples[0].caption == "caption 1"
+        assert reader.skipped == 1
+        assert peak < 10 << 20
+
+
+def test_members_over_the_limit_are_skipped_with_their_sample(tmp_path):
+    write_shard(tmp_path, 0, [0, 1, 2])
+    reader = shards.ShardReader(tmp_path / "00000.tar", max_member_bytes=len("caption 1 é".encode()) - 1)
+    # captions and metadata are over this limit (the 5-byte images are not): no sample survives
+    assert list(reader) == [] and reader.skipped == 6
+    reader = shards.ShardReader(tmp_path / "00000.tar", max_member_bytes=30)
+    assert [s.key for s in reader] == ["000000000", "000000001", "000000002"] and reader.skipped == 0
+
+
+def test_index_mode_says_where_each_image_lies(tmp_path):
+    write_shard(tmp_path, 0, [0, 1])
+    indexed = list(shards.ShardReader(tmp_path, images=False))
+    assert [(s.key, s.jpeg, s.meta, s.caption) for s in indexed] == [
+        ("000000000", b"", {}, "caption 0 é"), ("000000001", b"", {}, "caption 1 é")]
+    for s, full in zip(indexed, iter_samples(tmp_path)):
+        path, offset, size = s.image_ref
+        with open(path, "rb") as f:
+            f.seek(offset)
+            assert f.read(size) == full.jpeg == f"jpeg{int(s.key)}".encode()
+        assert full.image_ref == s.image_ref
+
+
+def test_a_truncated_tar_is_one_gitcap_error(tmp_path):
+    write_shard(tmp_path, 0, [0, 1, 2])
+    data = (tmp_path / "00000.tar").read_bytes()
+    (tmp_path / "00000.tar").write_bytes(data[:700])
+    with pytest.raises(GitcapError, match="cannot read shard"):
+        list(iter_samples(tmp_path / "00000.tar"))

@@ -15,6 +15,11 @@ dependencies, not gitcap's), pointing at the Python that has gitcap:
     /tmp/bench-venv/bin/pip install img2dataset==1.47.0 scikit-image aiohttp
     /tmp/bench-venv/bin/python examples/benchmarks/fetch_vs_img2dataset.py \\
         --gitcap-python .venv/bin/python --images 6000
+
+gitcap's side alone runs in gitcap's own environment (no img2dataset, no scikit-image:
+synthetic pictures instead of the sample photos), e.g. to compare two gitcap versions:
+
+    python examples/benchmarks/fetch_vs_img2dataset.py --only gitcap --images 3000
 """
 
 from __future__ import annotations
@@ -37,17 +42,37 @@ PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immu
 LONG_SIDES = [500, 640, 800, 1024, 1280]
 
 
+def sample_photos() -> list[tuple[str, "Image.Image"]]:
+    """scikit-image's sample photos; without scikit-image (gitcap's own environment),
+    textured synthetic pictures of the same sizes: the numbers then compare gitcap runs
+    with each other, not with the README's table."""
+    from PIL import Image, ImageFilter
+
+    try:
+        import skimage.data
+    except ImportError:
+        pictures = []
+        for i, name in enumerate(PHOTOS):
+            base = Image.effect_mandelbrot((1280, 960), (-2.0 + 0.1 * i, -1.2, 1.0, 1.2), 60 + 10 * i)
+            noise = Image.effect_noise((1280, 960), 40 + 5 * i)
+            grey = Image.blend(base, noise, 0.35).filter(ImageFilter.SMOOTH)
+            pictures.append((f"synthetic-{name}", Image.merge("RGB", (grey, base, noise))))
+        return pictures
+    photos = []
+    for name in PHOTOS:
+        arr = getattr(skimage.data, name)()
+        arr = arr[0] if isinstance(arr, tuple) else arr
+        photos.append((name, Image.fromarray(arr).convert("RGB")))
+    return photos
+
+
 def make_photos(folder: Path) -> list[Path]:
     """Sample photos at several sizes, as JPEG files (q90, like typical web images)."""
-    import skimage.data
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in PHOTOS:
-        arr = getattr(skimage.data, name)()
-        arr = arr[0] if isinstance(arr, tuple) else arr
-        im = Image.fromarray(arr).convert("RGB")
+    for name, im in sample_photos():
         for long_side in LONG_SIDES:
             scale = long_side / max(im.size)
             resized = im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS)
@@ -138,8 +163,11 @@ def count_ok_in_tars(folder: Path) -> int:
 
 def breakdown(photos: list[Path], size: int = 256, quality: int = 95) -> dict:
     """Per-image CPU milliseconds of each stage, averaged over the photo set."""
-    import cv2
-    import numpy as np
+    try:
+        import cv2
+        import numpy as np
+    except ImportError:  # gitcap's own environment: its side only
+        cv2 = None
     from PIL import Image
 
     sys.path.insert(0, str(REPO))
@@ -197,6 +225,8 @@ def breakdown(photos: list[Path], size: int = 256, quality: int = 95) -> dict:
     settings = ImageSettings(resize=size, mode="keep-ratio", jpeg_quality=quality)
     timed("gitcap_normalize_total", lambda b: normalize_image(b, settings))
 
+    if cv2 is None:
+        return t
     # img2dataset's path: cv2 full decode, INTER_AREA resize, cv2 encode
     cv2.setNumThreads(1)
     timed("cv2_full_decode", lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_UNCHANGED))

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import console, user_errors
+from gitcli.cli.common import console, fail, out_console, output_dir, user_errors
 
 
 @user_errors
@@ -41,14 +41,17 @@ def fetch(
 ) -> None:
     """Download the images of a caption TSV into resumable tar shards.
 
-    Re-run the same command to resume: complete shards are skipped.
+    Re-run the same command to resume: complete shards are skipped; rows
+    an option refused (blocked address, --max-bytes, --max-pixels, ...)
+    are fetched again once the options allow them. Exits 1 when no row
+    of the run succeeded.
 
     [bold]Example:[/]  gitcap fetch Train_GCC-training.tsv --out data/cc3m/train --resize 256
     """
     from gitcli.fetch import FetchConfig
     from gitcli.fetch import fetch as run_fetch
     from gitcli.fetch.config import default_processes, parse_part
-    from gitcli.fetch.report import outcome_table
+    from gitcli.fetch.report import nothing_fetched, outcome_table
     from gitcli.formats.cc import TsvLayout
     from gitcli.formats.images import ImageSettings
 
@@ -75,9 +78,14 @@ def fetch(
         user_agent_token=user_agent_token,
         progress=not no_progress,
     )
+    output_dir(out)
     summary = run_fetch(cfg, console=console)
-    console.print(outcome_table(summary.outcomes, f"this run: {summary.rows:,} rows in {summary.seconds:.1f}s "
-                                f"({summary.ok / max(summary.seconds, 1e-9):,.0f} images/s)"))
+    # the outcome table and the dataset's totals are the command's result: stdout
+    out_console.print(outcome_table(summary.outcomes, f"this run: {summary.rows:,} rows in {summary.seconds:.1f}s "
+                                    f"({summary.ok / max(summary.seconds, 1e-9):,.0f} images/s)"))
     o = summary.overall
-    console.print(f"dataset {out}: {o['shards']} complete shards, {o['ok']:,}/{o['rows']:,} images "
-                  f"({100 * o['success_rate']:.1f}%); stats in {out / 'stats.json'}")
+    out_console.print(f"dataset {out}: {o['shards']} complete shards, {o['ok']:,}/{o['rows']:,} images "
+                      f"({100 * o['success_rate']:.1f}%); stats in {out / 'stats.json'}")
+    problem = nothing_fetched(summary.outcomes, cfg)
+    if problem:  # a run that produced nothing must not look like a success to a script
+        raise fail(problem, code=1)

@@ -133,32 +133,15 @@ def vqa_records(images: Path, questions: Path, annotations: Path) -> tuple[list[
     return records, loader, missing
 
 
-def shard_records(source: str) -> list[Record]:
-    """Index the tar shards `gitcap fetch` writes: each image's offset, and its caption."""
-    import tarfile
+def shard_records(source: str) -> tuple[list[Record], int]:
+    """Index the tar shards `gitcap fetch` writes: where each image lies, and its caption
+    (formats.shards reads them; no image is read here). -> (records, members skipped)"""
+    from gitcli.formats.shards import ShardReader
 
-    from gitcli.formats.shards import shard_paths
-
-    records = []
-    for path in shard_paths(source):
-        images: dict[str, tuple[int, int]] = {}
-        captions: dict[str, str] = {}
-        try:
-            with tarfile.open(path, "r") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, ext = member.name.rpartition("/")[2].partition(".")
-                    if ext == "jpg":
-                        images[key] = (member.offset_data, member.size)
-                    elif ext == "txt":
-                        captions[key] = tar.extractfile(member).read().decode("utf-8").strip()
-        except (OSError, tarfile.TarError) as exc:
-            raise GitcapError(f"cannot read shard {path}: {exc}") from None
-        for key, (offset, size) in images.items():
-            if captions.get(key):
-                records.append(Record((str(path), offset, size), None, captions[key], key=key))
-    return records
+    reader = ShardReader(source, images=False)
+    records = [Record(s.image_ref, None, caption, key=s.key)
+               for s in reader if s.image_ref is not None and (caption := s.caption.strip())]
+    return records, reader.skipped
 
 
 def synthetic_records(size: int, seed: int, task: str, questions_per_scene: int = 0) -> list[Record]:
@@ -181,30 +164,23 @@ def synthetic_records(size: int, seed: int, task: str, questions_per_scene: int 
 
 
 def cc_tsv_records(tsv: Path, image_root: Path) -> tuple[list[Record], int]:
-    """Conceptual Captions `caption<TAB>url` rows; images `%08d.jpg` by row. -> (records, missing)"""
+    """Conceptual Captions `caption<TAB>url` rows; images `%08d.jpg` by row. -> (records, missing)
+
+    Parsed by formats.cc, the parser `gitcap fetch` uses, so row N here is the row that
+    fetch saved as N (a stray carriage return splits neither)."""
+    from gitcli.formats.cc import read_rows
+
     records, missing = [], 0
-    opener = _open_text(tsv)
-    with opener as fh:
-        for row, line in enumerate(fh):
-            caption = line.rstrip("\n").split("\t", 1)[0].strip()
-            image = image_root / f"{row:08d}.jpg"
-            if not caption:
-                continue
-            if not image.is_file():
-                missing += 1
-                continue
-            records.append(Record(str(image), None, caption, key=f"{row:08d}"))
+    for row in read_rows(tsv):
+        caption = row.caption.strip()
+        if not caption:
+            continue
+        image = image_root / f"{row.index:08d}.jpg"
+        if not image.is_file():
+            missing += 1
+            continue
+        records.append(Record(str(image), None, caption, key=f"{row.index:08d}"))
     return records, missing
-
-
-def _open_text(path: Path):
-    if not path.is_file():
-        raise GitcapError(f"data file not found: {path}")
-    if path.suffix == ".gz":
-        import gzip
-
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
 
 
 def build_source(cfg: DataConfig):
@@ -225,7 +201,8 @@ def build_source(cfg: DataConfig):
         records, unlabelled = git_tsv_records(path, Path(cfg.captions))
         return records, TsvImages(src), {"images without captions": unlabelled}
     if path.suffix == ".tar" or path.is_dir() or "{" in src:
-        return shard_records(src), TarMemberImages(), {}
+        records, skipped = shard_records(src)
+        return records, TarMemberImages(), ({"oversized tar members skipped": skipped} if skipped else {})
     if path.suffix in (".tsv", ".gz") and cfg.image_root:
         records, missing = cc_tsv_records(path, Path(cfg.image_root))
         return records, FileImages(), {"missing images": missing}

@@ -15,7 +15,21 @@ TOO_LARGE = "too_large"  # body over --max-bytes
 TOO_MANY_PIXELS = "too_many_pixels"  # header dimensions over the limit (decompression bomb)
 NOT_AN_IMAGE = "not_an_image"
 DECODE_ERROR = "decode_error"  # an image format, but the data is corrupt or truncated
+UNSUPPORTED_IMAGE = "unsupported_image"  # an image type or feature the decoder cannot handle in full
 TOO_MANY_REDIRECTS = "too_many_redirects"
+
+
+# Outcomes that an option decided, not the server: a rerun whose options now allow the
+# row fetches it again, even in a complete shard (plan.py). Every other failure is final,
+# except the transient ones below, which `--retry-failed` asks for again.
+OPTION_CAUSED = {
+    BLOCKED_ADDRESS: "--allow-address / --allow-private-addresses",
+    TOO_LARGE: "--max-bytes",
+    TOO_MANY_PIXELS: "--max-pixels",
+    OPTED_OUT: "--disallowed-x-robots-tags",
+    EXCLUDED: "--exclude-urls",
+    TIMEOUT: "--timeout",
+}
 
 
 def http_status(code: int) -> str:

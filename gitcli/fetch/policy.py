@@ -1,7 +1,9 @@
 """Which requests gitcap may make, and which answers it must not use.
 
 Safety: by default no request goes to a private, loopback, link-local, multicast,
-reserved or otherwise non-public address. The check runs on the URL's host when it is an
+reserved or otherwise non-public address, nor to an IPv6 form that carries one
+(NAT64, 6to4, Teredo, IPv4-mapped/-compatible/-translated: the IPv4 address inside is
+judged) or whose destination cannot be told (local-use NAT64, site-local). The check runs on the URL's host when it is an
 IP literal (aiohttp does not resolve those) and, through `GuardedResolver`, on every
 address a name resolves to, so it holds for every redirect hop and cannot be dodged with
 a name that points inside. `--allow-address` / `--allow-private-addresses` open it up.
@@ -43,6 +45,34 @@ class BlockedAddress(OSError):
         self.address = address
 
 
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT, RFC 2765
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated `::a.b.c.d`
+_NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")  # RFC 3056
+_TEREDO = ipaddress.ip_network("2001::/32")  # RFC 4380
+# Forms whose IPv4 address cannot be read off the address alone, refused outright:
+# local-use NAT64 (RFC 8215: the operator picks where the IPv4 bits sit) and the
+# deprecated site-local block, which `is_global` counts as global.
+_REFUSED_FORMS = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network("fec0::/10"))
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...] | None:
+    """The IPv4 addresses an IPv6 address carries, for the forms that route to them:
+    None for an ordinary IPv6 address, () for a form that is refused whatever it holds."""
+    if any(ip in net for net in _REFUSED_FORMS):
+        return ()
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _IPV4_MAPPED or ip in _IPV4_TRANSLATED or ip in _NAT64_WELL_KNOWN or ip in _IPV4_COMPATIBLE:
+        return (low32,)
+    if ip in _SIX_TO_FOUR:
+        return (ip.sixtofour,)  # type: ignore[return-value]
+    if ip in _TEREDO:
+        server, client = ip.teredo  # type: ignore[misc]
+        return (server, client)
+    return None
+
+
 class AddressPolicy:
     def __init__(self, allowed: Iterable[str] = (), allow_private: bool = False):
         self.allowed = [parse_network(a) for a in allowed]
@@ -53,8 +83,12 @@ class AddressPolicy:
             return True
         if any(ip.version == net.version and ip in net for net in self.allowed):
             return True
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            return self.allows(ip.ipv4_mapped)  # ::ffff:127.0.0.1 is loopback too
+        if isinstance(ip, ipaddress.IPv6Address):
+            embedded = embedded_ipv4(ip)
+            if embedded is not None:
+                # the packet ends up at the IPv4 address inside (a NAT64 gateway, a 6to4
+                # relay...): judge that one, so 64:ff9b::a9fe:a9fe is 169.254.169.254
+                return bool(embedded) and all(self.allows(v4) for v4 in embedded)
         return ip.is_global and not ip.is_multicast
 
     def check_url(self, url: URL) -> None:

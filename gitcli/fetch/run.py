@@ -3,6 +3,9 @@ must fetch (plan.py), and whole shards are dealt to `--processes` worker process
 (worker.py), at most one queued shard per worker ahead, so memory stays bounded whatever
 the TSV size. The main process only plans, shows progress and sums up.
 
+One run per part of a folder: the run holds an advisory lock on `--out` (one per
+`--part I/N`, so the parts of one fetch share the folder) from start to end.
+
 Ctrl-C: every process gets SIGINT; workers drop the temporary files of their unfinished
 shards, finished shards are final; `gitcap fetch` exits 130.
 """
@@ -26,10 +29,11 @@ from rich.console import Console
 from gitcli.fetch import outcomes
 from gitcli.fetch.config import FetchConfig
 from gitcli.fetch.plan import Planner, shards_with_rows
-from gitcli.fetch.report import Reporter, write_overall_stats
+from gitcli.fetch.report import FetchProgress, write_overall_stats
 from gitcli.fetch.shard_fetch import fetch_shard
 from gitcli.fetch.worker import init_worker, run_shard
 from gitcli.formats.cc import read_rows
+from gitcli.formats.lock import OutputLock, lock_for_dir
 
 
 @dataclass
@@ -52,26 +56,53 @@ class FetchSummary:
 def fetch(cfg: FetchConfig, console: Console | None = None) -> FetchSummary:
     """Fetch every row of `cfg.tsv` that this run is responsible for (see plan.py)."""
     cfg.validate()
+    check_input(cfg)  # a missing TSV or a wrong column must not leave an empty --out behind
     cfg.out.mkdir(parents=True, exist_ok=True)
+    with output_lock(cfg):
+        return _fetch_locked(cfg, console)
+
+
+def output_lock(cfg: FetchConfig) -> OutputLock:
+    """One run per part of a folder: the `--part I/N` runs that share a folder by design
+    take differently named locks; a second run of the same part is refused."""
+    i, n = cfg.part
+    if n == 1:
+        return OutputLock(lock_for_dir(cfg.out, "fetch"), what=f"--out {cfg.out}",
+                          hint="wait for it to finish or fetch into another --out")
+    return OutputLock(lock_for_dir(cfg.out, f"fetch-part-{i}-of-{n}"), what=f"--part {i}/{n} of --out {cfg.out}",
+                      hint="wait for it to finish or fetch another part")
+
+
+def _fetch_locked(cfg: FetchConfig, console: Console | None) -> FetchSummary:
     planner = Planner(cfg)
     total = planner.count(read_rows(cfg.tsv, cfg.layout))
     summary = FetchSummary()
     started = time.time()
-    with Reporter(console, total, enabled=cfg.progress) as reporter:
+    with FetchProgress(console, total, enabled=cfg.progress) as fetch_progress:
         if cfg.processes == 0:
-            _fetch_in_process(cfg, planner, reporter, summary)
+            _fetch_in_process(cfg, planner, fetch_progress, summary)
         else:
-            _fetch_in_workers(cfg, planner, reporter, summary)
-    summary.outcomes = reporter.counts
-    summary.bytes_downloaded = reporter.bytes
+            _fetch_in_workers(cfg, planner, fetch_progress, summary)
+    summary.outcomes = fetch_progress.counts
+    summary.bytes_downloaded = fetch_progress.bytes
     summary.seconds = time.time() - started
     summary.overall = write_overall_stats(cfg.out)
     return summary
 
 
-def _fetch_in_process(cfg: FetchConfig, planner: Planner, reporter: Reporter, summary: FetchSummary) -> None:
+def check_input(cfg: FetchConfig) -> None:
+    """Open the TSV and read its first row: a missing file, a folder, an unknown column
+    name or a name without --header is a GitcapError here, before anything is created."""
+    rows = read_rows(cfg.tsv, cfg.layout)
+    try:
+        next(rows, None)
+    finally:
+        rows.close()
+
+
+def _fetch_in_process(cfg: FetchConfig, planner: Planner, fetch_progress: FetchProgress, summary: FetchSummary) -> None:
     for plan, rows in shards_with_rows(planner, read_rows(cfg.tsv, cfg.layout)):
-        asyncio.run(fetch_shard(cfg, plan, rows, reporter.row_done))
+        asyncio.run(fetch_shard(cfg, plan, rows, fetch_progress.row_done))
         summary.shards_written.append(plan.shard_id)
 
 
@@ -81,7 +112,7 @@ def _worker_config(cfg: FetchConfig) -> FetchConfig:
     return dataclasses.replace(cfg, concurrency=max(1, cfg.concurrency // n), per_host=max(1, cfg.per_host // n))
 
 
-def _fetch_in_workers(cfg: FetchConfig, planner: Planner, reporter: Reporter, summary: FetchSummary) -> None:
+def _fetch_in_workers(cfg: FetchConfig, planner: Planner, fetch_progress: FetchProgress, summary: FetchSummary) -> None:
     # spawn, not fork: the main process runs rich's refresh thread, and forking a
     # process with threads can copy a held lock into the child
     ctx = multiprocessing.get_context("spawn")
@@ -96,7 +127,7 @@ def _fetch_in_workers(cfg: FetchConfig, planner: Planner, reporter: Reporter, su
                 counts, nbytes = progress.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue_module.Empty:
                 return
-            reporter.add_counts(counts, nbytes)
+            fetch_progress.add_counts(counts, nbytes)
 
     def collect(done) -> None:
         for fut in done:

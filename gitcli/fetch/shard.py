@@ -11,7 +11,7 @@ from typing import Any
 from gitcli import __version__
 from gitcli.fetch import outcomes
 from gitcli.fetch.config import FetchConfig
-from gitcli.fetch.plan import ShardPlan
+from gitcli.fetch.plan import ShardPlan, limits
 from gitcli.formats.atomic import TMP_MARK
 from gitcli.formats.shards import (
     FilesShardWriter,
@@ -21,6 +21,7 @@ from gitcli.formats.shards import (
     iter_tar,
     row_key,
     shard_name,
+    stats_path,
     tar_path,
     write_stats,
     write_status,
@@ -46,8 +47,6 @@ class ShardJob:
         self.cfg = cfg
         self.plan = plan
         self.shard_id = plan.shard_id
-        self.pending = 0  # rows handed out and not yet recorded
-        self.closed = False  # every row of the shard has been handed out
         self.finished = False
         self.bytes_downloaded = 0
         self.started = time.time()
@@ -73,8 +72,9 @@ class ShardJob:
             (self.cfg.out / image_file_name(row)).unlink(missing_ok=True)
 
     def finish(self) -> dict[str, Any]:
-        if self.plan.retry_rows is not None:
+        if stats_path(self.cfg.out, self.shard_id).exists():
             # the stats file is what says "complete": drop it before the shard changes
+            # (a retry, or a complete shard fetched again from other rows)
             discard_stats(self.cfg.out, self.shard_id)
         self.writer.commit()
         write_status(self.cfg.out, self.shard_id, self.status.values())
@@ -90,6 +90,8 @@ class ShardJob:
             "bytes_downloaded": self.bytes_downloaded,
             "seconds": round(time.time() - self.started, 3),
             "retried_rows": len(self.plan.retry_rows) if self.plan.retry_rows is not None else 0,
+            "limits": limits(self.cfg),  # what a rerun compares its options with
+            "rows_digest": self.plan.rows_digest,  # ... and its TSV rows
             "gitcap_version": __version__,
         }
         write_stats(self.cfg.out, self.shard_id, stats)

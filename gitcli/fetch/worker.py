@@ -1,5 +1,5 @@
 """Worker processes: each fetches whole shards with its own asyncio loop and aiohttp
-session, decoding and resizing inline.
+session, decoding and resizing in its own small thread pool (shard_fetch.py).
 
 Why whole shards rather than one image at a time: handing every downloaded body to a
 process pool and the JPEG back costs more main-process CPU (pickling, pipes, thread

@@ -3,6 +3,8 @@
 Rows are streamed (never loaded whole) so a 3M-row file costs no memory; `.gz` files are
 read transparently. Other layouts (a header, other column order, a URL-only list) are
 described by `TsvLayout`. The 0-based row index is the row's key everywhere downstream.
+The one parser of this format: `gitcap fetch` and training (`--data TSV --image-root`)
+both read it here, so they number rows alike.
 """
 
 from __future__ import annotations

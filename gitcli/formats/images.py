@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from PIL import Image
 
 RESIZE_MODES = ("keep-ratio", "center-crop", "none")
-# the formats a web image plausibly has; anything else (HTML, PDF, SVG...) is not an image
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+# the formats a web image plausibly has; anything else (HTML, PDF, SVG...) is not an image.
+# MPO (a JPEG with extra frames) is not listed: Pillow opens it through its JPEG opener,
+# and naming it makes Pillow raise KeyError('MPO') for any unrecognised bytes.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 
 
 class ImageRejected(Exception):
@@ -70,14 +73,15 @@ def normalize_image(data: bytes, s: ImageSettings) -> NormalizedImage:
         im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageRejected("too_many_pixels", str(exc)) from None
-    except Exception as exc:  # PIL raises many types for garbage; all mean "not an image"
-        raise ImageRejected("not_an_image", str(exc)[:200]) from None
+    except Exception:  # PIL raises many types for garbage; all mean "not an image"
+        raise ImageRejected("not_an_image", _not_an_image(data)) from None
     ow, oh = im.size
     if ow < 1 or oh < 1:
         raise ImageRejected("not_an_image", "zero-sized image")
     if ow * oh > s.max_pixels:
         raise ImageRejected("too_many_pixels", f"{ow}x{oh} > {s.max_pixels} pixels")
     tw, th = target_size(ow, oh, s)
+    kind = f"{im.format} {im.mode}"  # `im` is replaced as it is converted
     try:
         if im.format == "JPEG" and (tw, th) == (ow, oh) and im.mode == "RGB" and s.mode != "center-crop":
             im.load()  # verify every scan decodes (truncated files fail here)
@@ -97,8 +101,21 @@ def normalize_image(data: bytes, s: ImageSettings) -> NormalizedImage:
     except Image.DecompressionBombError as exc:
         raise ImageRejected("too_many_pixels", str(exc)) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated / corrupt data
-        raise ImageRejected("decode_error", str(exc)[:200]) from None
+        raise ImageRejected("decode_error", f"corrupt or truncated {kind} image: {str(exc)[:160]}") from None
+    except Exception:
+        # anything else is Pillow meeting a variant it cannot decode in full (KeyError,
+        # NotImplementedError, struct.error...): the row's outcome, never a crash
+        raise ImageRejected("unsupported_image", f"a {kind} image that gitcap cannot decode") from None
     return NormalizedImage(out.getvalue(), im.width, im.height, ow, oh)
+
+
+def _not_an_image(data: bytes) -> str:
+    head = data[:64].lstrip().lower()
+    if not data:
+        return "empty body"
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<svg", b"<")):
+        return f"not a {_FORMAT_NAMES} image (an HTML/XML page)"
+    return f"not a {_FORMAT_NAMES} image"
 
 
 def _filter(size: tuple[int, int], target: tuple[int, int]) -> int:

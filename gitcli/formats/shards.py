@@ -7,12 +7,19 @@ Layout of a dataset folder (DESIGN.md, Formats):
     00000_stats.json      written last: its presence means the shard is complete
 
 NNNNN = first row // shard size and KEY = `%09d` row index, so slices fetched on different
-machines never collide. Every file is written to a temporary name and renamed, so an
-interrupted writer never leaves a half file under a final name.
+machines never collide. Every file is written to a temporary name, fsynced and renamed,
+in this order: the tar, the status file, the stats file. So an interrupted writer never
+leaves a half file under a final name, and after a power loss a shard whose stats file
+exists has its tar and status on disk.
 
-Reader API (what training uses): `iter_samples(source)` yields `Sample(key, jpeg, caption,
+Reader (the one reader: training, `gitcap fetch --retry-failed` and users' scripts):
+`ShardReader(source)` (or `iter_samples(source)`) yields `Sample(key, jpeg, caption,
 meta)` from a tar, a folder of shards (complete ones only) or a brace pattern
-`data/{00000..00009}.tar`; `complete_shards(folder)` lists finished shard ids.
+`data/{00000..00009}.tar`. With `images=False` it reads no image bytes and says where
+each image lies instead (`Sample.image_ref`: tar path, offset, size), which is how
+training indexes shards and reads images at random later. Members larger than
+`max_member_bytes` (and sparse ones) are skipped and counted, never read.
+`complete_shards(folder)` lists finished shard ids.
 """
 
 from __future__ import annotations
@@ -62,12 +69,20 @@ def stats_path(folder: Path, shard_id: int) -> Path:
     return Path(folder) / f"{shard_name(shard_id)}_stats.json"
 
 
+# No member gitcap writes comes near this (fetch's --max-bytes is 20 MB by default); a
+# tar that declares more is hostile or broken, and reading it would allocate what it says.
+MAX_MEMBER_BYTES = 64 << 20
+
+ImageRef = tuple[str, int, int]  # (tar path, byte offset of the member's data, size)
+
+
 @dataclass
 class Sample:
     key: str
     jpeg: bytes
     caption: str
     meta: dict[str, Any]
+    image_ref: ImageRef | None = None  # where the `.jpg` member's bytes lie in its tar
 
 
 # ---- writing --------------------------------------------------------------------------
@@ -147,8 +162,10 @@ def write_stats(folder: Path, shard_id: int, stats: dict[str, Any]) -> None:
 
 
 def discard_stats(folder: Path, shard_id: int) -> None:
-    """Mark a shard incomplete before rewriting it (e.g. --retry-failed)."""
+    """Mark a shard incomplete before rewriting it (e.g. --retry-failed), durably: the
+    old stats must not come back after a power loss over a half-rewritten shard."""
     stats_path(folder, shard_id).unlink(missing_ok=True)
+    fsync_dir(Path(folder))
 
 
 # ---- reading --------------------------------------------------------------------------
@@ -173,37 +190,85 @@ def read_status(folder: Path, shard_id: int) -> list[dict[str, Any]]:
 
 
 def read_stats(folder: Path, shard_id: int) -> dict[str, Any]:
-    with open(stats_path(folder, shard_id), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def iter_tar(path: Path) -> Iterator[Sample]:
-    """Samples of one tar, grouping members by key (members of a key are adjacent)."""
+    path = stats_path(folder, shard_id)
     try:
-        tar = tarfile.open(path, "r")
-    except (OSError, tarfile.TarError) as exc:
-        raise GitcapError(f"cannot read shard {path}: {exc}") from None
-    with tar:
-        current: str | None = None
-        parts: dict[str, bytes] = {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            if key != current:
-                if current is not None:
-                    yield _sample(current, parts)
-                current, parts = key, {}
-            f = tar.extractfile(member)
-            parts[ext] = f.read() if f else b""
-        if current is not None:
-            yield _sample(current, parts)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise GitcapError(f"stats file missing: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GitcapError(f"{path} is not valid JSON ({exc}); delete it to fetch that shard again") from None
 
 
-def _sample(key: str, parts: dict[str, bytes]) -> Sample:
-    meta = json.loads(parts["json"]) if "json" in parts else {}
-    caption = parts.get("txt", b"").decode("utf-8")
-    return Sample(key, parts.get("jpg", b""), caption, meta)
+class ShardReader:
+    """Samples of tar shards, in order. Members of one key are adjacent (as webdataset
+    and gitcap write them) and are grouped into one `Sample`. A member larger than
+    `max_member_bytes`, or a sparse one, is never read: it is counted in `skipped` and
+    the sample it belongs to is left out (a sample without its image is of no use).
+
+    `images=False` reads neither the images nor the JSON metadata: each sample carries
+    `image_ref` and an empty `jpeg`, for an index built without reading every image.
+    """
+
+    def __init__(self, source: str | Path, *, images: bool = True, max_member_bytes: int = MAX_MEMBER_BYTES):
+        self.paths = shard_paths(source)
+        self.images = images
+        self.max_member_bytes = max_member_bytes
+        self.skipped = 0  # members over the limit (or sparse), never read
+
+    def __iter__(self) -> Iterator[Sample]:
+        for path in self.paths:
+            yield from self.read_tar(path)
+
+    def read_tar(self, path: Path) -> Iterator[Sample]:
+        try:
+            tar = tarfile.open(path, "r")
+        except (OSError, tarfile.TarError) as exc:
+            raise GitcapError(f"cannot read shard {path}: {exc}") from None
+        with tar:
+            current: str | None = None
+            parts: dict[str, bytes] = {}
+            ref: ImageRef | None = None
+            spoiled = False  # a member of the current key was skipped
+            try:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.rpartition("/")[2].partition(".")
+                    if key != current:
+                        if current is not None and not spoiled:
+                            yield self._sample(path, current, parts, ref)
+                        current, parts, ref, spoiled = key, {}, None, False
+                    if member.size > self.max_member_bytes or member.issparse():
+                        self.skipped += 1
+                        spoiled = True
+                        continue
+                    if ext == "jpg":
+                        ref = (str(path), member.offset_data, member.size)
+                        if not self.images:
+                            continue
+                    elif ext == "json" and not self.images:
+                        continue
+                    f = tar.extractfile(member)
+                    parts[ext] = f.read() if f else b""
+            except (OSError, tarfile.TarError) as exc:
+                raise GitcapError(f"cannot read shard {path}: {exc}") from None
+            if current is not None and not spoiled:
+                yield self._sample(path, current, parts, ref)
+
+    @staticmethod
+    def _sample(path: Path, key: str, parts: dict[str, bytes], ref: ImageRef | None) -> Sample:
+        try:
+            meta = json.loads(parts["json"]) if "json" in parts else {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise GitcapError(f"cannot read shard {path}: {key}.json is not JSON ({exc})") from None
+        caption = parts.get("txt", b"").decode("utf-8", errors="replace")
+        return Sample(key, parts.get("jpg", b""), caption, meta, ref)
+
+
+def iter_tar(path: Path, **options: Any) -> Iterator[Sample]:
+    """Samples of one tar (see `ShardReader` for the options)."""
+    return ShardReader(path, **options).read_tar(Path(path))
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -234,6 +299,6 @@ def shard_paths(source: str | Path) -> list[Path]:
     return paths
 
 
-def iter_samples(source: str | Path) -> Iterator[Sample]:
-    for path in shard_paths(source):
-        yield from iter_tar(path)
+def iter_samples(source: str | Path, **options: Any) -> Iterator[Sample]:
+    """Samples of a tar, a folder of shards or a brace pattern (see `ShardReader`)."""
+    return iter(ShardReader(source, **options))

@@ -1,0 +1,1 @@
+"""Helpers the tests share (servers, hostile files, checks); no tests here."""

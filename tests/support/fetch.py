@@ -1,14 +1,15 @@
-"""Shared helpers for the fetch tests: a local aiohttp server on loopback (127.0.0.1 or
-127.0.0.2 only) running in a background thread, and in-memory test images.
-
-No tests here; pytest collects the module and finds none.
+"""Helpers for the fetch tests: a local aiohttp server on loopback (127.0.0.1 or
+127.0.0.2 only) running in a background thread, in-memory test images, and a check that
+a fetched dataset accounts for every row once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import struct
+import tarfile
 import threading
 import time
 import zlib
@@ -18,6 +19,8 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 from PIL import Image
+
+from gitcli.formats.shards import complete_shards, read_stats
 
 Handler = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
 
@@ -108,7 +111,6 @@ def write_tsv(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 def status_by_key(out: Path) -> dict[str, dict]:
     """Every status line of every shard in `out`, by key; fails on a duplicate key."""
-    import json
     lines: dict[str, dict] = {}
     for p in sorted(out.glob("*_status.jsonl")):
         for line in p.read_text().splitlines():
@@ -116,3 +118,24 @@ def status_by_key(out: Path) -> dict[str, dict]:
             assert d["key"] not in lines, f"row {d['key']} recorded twice"
             lines[d["key"]] = d
     return lines
+
+
+def check_dataset(out: Path, n_rows: int, shard_size: int = 4) -> None:
+    """Every row recorded exactly once, every tar valid, stats add up."""
+    status = status_by_key(out)  # asserts no key twice
+    assert sorted(status) == [f"{i:09d}" for i in range(n_rows)]
+    overall_ok = 0
+    for shard in complete_shards(out):
+        stats = read_stats(out, shard)
+        with tarfile.open(out / f"{shard:05d}.tar") as tar:
+            names = tar.getnames()
+        keys = sorted({n.split(".")[0] for n in names})
+        assert len(names) == 3 * len(keys)  # jpg, txt, json for each key
+        ok_keys = sorted(k for k, s in status.items() if s["outcome"] == "ok" and int(k) // shard_size == shard)
+        assert keys == ok_keys
+        assert stats["ok"] == len(keys)
+        assert sum(stats["outcomes"].values()) == stats["rows"]
+        overall_ok += stats["ok"]
+    assert not list(out.glob(".*.tmp-*"))
+    overall = json.loads((out / "stats.json").read_text())
+    assert overall["rows"] == n_rows and overall["ok"] == overall_ok
