@@ -61,6 +61,18 @@ def output_file(path: Path, *, option: str = "--out") -> Path:
     return path
 
 
+def input_file(path: Path, *, option: str) -> Path:
+    """Check an input file before any work starts (and before a model loads)."""
+    path = Path(path)
+    if not path.exists():
+        raise GitcapError(f"{option} {path}: no such file")
+    if path.is_dir():
+        raise GitcapError(f"{option} {path} is a folder; give a file")
+    if not os.access(path, os.R_OK):
+        raise GitcapError(f"{option} {path}: not readable")
+    return path
+
+
 def output_dir(path: Path, *, option: str = "--out") -> Path:
     """Check an output folder before any work starts (it is created by the command)."""
     path = Path(path)

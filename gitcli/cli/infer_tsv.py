@@ -9,7 +9,7 @@ import typer
 
 from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt,
                                MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt, console,
-                               out_console, output_file, user_errors)
+                               input_file, out_console, output_file, user_errors)
 from gitcli.cli.image_commands import MAX_PIXELS_DEFAULT, MaxPixelsOpt
 
 
@@ -53,6 +53,9 @@ def infer_tsv(
     gen = GenerationConfig(max_new_tokens=max_new_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed,
                            cache=cache, compile=compile)
     gen.validate()
+    input_file(images, option="--images")
+    if questions is not None:
+        input_file(questions, option="--questions")
     output_file(out)
     if coco_json is not None:
         output_file(coco_json, option="--coco-json")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import multiprocessing
 import os
 import queue as queue_module
@@ -26,6 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
+from gitcli.errors import GitcapError
 from gitcli.fetch import outcomes
 from gitcli.fetch.config import FetchConfig
 from gitcli.fetch.plan import Planner, shards_with_rows
@@ -90,14 +92,23 @@ def _fetch_locked(cfg: FetchConfig, console: Console | None) -> FetchSummary:
     return summary
 
 
+INPUT_PROBE_ROWS = 100  # rows read to judge that the input is a URL list at all
+
+
 def check_input(cfg: FetchConfig) -> None:
-    """Open the TSV and read its first row: a missing file, a folder, an unknown column
-    name or a name without --header is a GitcapError here, before anything is created."""
+    """Read the TSV's first rows: a missing file, a folder, an unknown column or a name
+    without --header, an empty file, or one with no URL where the URLs should be (a
+    binary file, the wrong --url-column) is a GitcapError here, before anything is created."""
     rows = read_rows(cfg.tsv, cfg.layout)
     try:
-        next(rows, None)
+        first = list(itertools.islice(rows, INPUT_PROBE_ROWS))
     finally:
         rows.close()
+    if not first:
+        raise GitcapError(f"{cfg.tsv} has no rows to fetch")
+    if not any("://" in row.url for row in first):
+        raise GitcapError(f"no URL in the first {len(first)} rows of {cfg.tsv}: is it a caption<TAB>url TSV? "
+                          "(see --url-column, --caption-column, --header)")
 
 
 def _fetch_in_process(cfg: FetchConfig, planner: Planner, fetch_progress: FetchProgress, summary: FetchSummary) -> None:

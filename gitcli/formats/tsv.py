@@ -111,13 +111,19 @@ def scan_offsets(path: Path) -> list[int]:
                 pos += len(line)
     except FileNotFoundError:
         raise GitcapError(f"TSV file not found: {path}") from None
+    except IsADirectoryError:
+        raise GitcapError(f"{path} is a folder, not a TSV file") from None
     return offsets
 
 
 def build_lineidx(path: Path) -> list[int]:
-    """Scan `path` and write both indexes beside it."""
+    """Scan `path` and write both indexes beside it (GIT's convention), where its folder
+    can be written: in a read-only folder the index lives in memory for this run."""
     offsets = scan_offsets(path)
-    write_lineidx(path, offsets)
+    try:
+        write_lineidx(path, offsets)
+    except OSError:
+        pass
     return offsets
 
 
@@ -133,6 +139,8 @@ def read_lineidx(path: Path, *, build: bool = True) -> list[int]:
     path = Path(path)
     if not path.exists():
         raise GitcapError(f"TSV file not found: {path}")
+    if path.is_dir():
+        raise GitcapError(f"{path} is a folder, not a TSV file")
     size = path.stat().st_size
     offsets: list[int] | None = None
     binary, text = lineidx8b_path(path), lineidx_path(path)
@@ -168,6 +176,8 @@ def iter_tsv(path: Path) -> Iterator[list[str]]:
         f = open(path, "rb")
     except FileNotFoundError:
         raise GitcapError(f"TSV file not found: {path}") from None
+    except IsADirectoryError:
+        raise GitcapError(f"{path} is a folder, not a TSV file") from None
     with f:
         for n, raw in enumerate(f):
             if raw.strip():
