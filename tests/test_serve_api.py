@@ -153,7 +153,7 @@ def test_greedy_requests_arriving_while_others_decode_answer_what_each_gives_alo
             time.sleep(0.002)
 
     # answers run to their max_tokens (EOS never wins), so rows of different lengths overlap
-    with slow_endless(tiny_captioner, seconds_per_step=0.005):
+    with slow_endless(tiny_captioner, seconds_per_step=0.01):
         want = [alone(tiny_captioner, png, q, max_new_tokens=n).text for png, q, n in specs]
         done = threading.Event()
         watcher = threading.Thread(target=watch, args=(done,))

@@ -29,6 +29,9 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Rows decoded together.")] = 32,
+    prefill_batch: Annotated[int, typer.Option(
+        "--prefill-batch", min=1, help="Newcomers prefilled together when their prompts have one length (1: each "
+                                       "alone, as caption does one image; more: higher throughput under load).")] = 8,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", min=1, help="Requests waiting for a row; beyond it a request gets 503 with Retry-After.")] = 256,
     max_image_bytes: Annotated[int, typer.Option(
@@ -59,7 +62,8 @@ def serve(
     config = ServeConfig(
         generation=GenerationConfig(beams=beams, temperature=temperature, top_p=top_p, seed=seed, cache=cache,
                                     compile=compile),
-        max_new_tokens=max_new_tokens, host=host, port=port, max_batch_size=max_batch_size, max_queue=max_queue,
+        max_new_tokens=max_new_tokens, host=host, port=port, max_batch_size=max_batch_size,
+        prefill_batch=prefill_batch, max_queue=max_queue,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, api_key=api_key,
         allow_image_urls=allow_image_urls, scheduler=scheduler)
     config.validate()

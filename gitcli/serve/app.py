@@ -55,7 +55,8 @@ def create_app(captioner, config: ServeConfig, *, device=None,
 
     config.validate()
     engine = ContinuousEngine(captioner, device=device, precision=config.precision,
-                              max_batch_size=config.max_batch_size, mode=config.scheduler)
+                              max_batch_size=config.max_batch_size, mode=config.scheduler,
+                              max_prefill_batch=config.prefill_batch)
     scheduler = Scheduler(engine, config.max_queue)
     metrics = Metrics()
     metrics.watch(lambda: scheduler.queue_depth, lambda: scheduler.running)
@@ -137,9 +138,9 @@ def create_app(captioner, config: ServeConfig, *, device=None,
                               "invalid_value") from None
         return Job(pixels, prompt_text(captioner.config, question), gen)
 
-    async def run(request: Request, job: Job, start: float, route: str, stream_text: bool = False) -> Ticket:
+    def run(job: Job, start: float, route: str, stream_text: bool = False) -> Ticket:
         ticket = scheduler.submit(job, stream_text=stream_text)
-        ticket.route, ticket.start = route, start
+        ticket.route, ticket.start = route, start  # latency counts from the request's arrival
         return ticket
 
     def record(ticket: Ticket) -> None:
@@ -221,7 +222,7 @@ def create_app(captioner, config: ServeConfig, *, device=None,
     async def caption(request: Request):
         async def handler(request: Request, start: float):
             job, _ = await form_request(request, with_question=False)
-            job = await finished(request, await run(request, job, start, "/v1/caption"))
+            job = await finished(request, run(job, start, "/v1/caption"))
             return JSONResponse({"caption": job.text, "model": config.model_id, "usage": job_usage(job)})
 
         return await answer(request, "/v1/caption", handler)
@@ -230,7 +231,7 @@ def create_app(captioner, config: ServeConfig, *, device=None,
     async def ask(request: Request):
         async def handler(request: Request, start: float):
             job, question = await form_request(request, with_question=True)
-            job = await finished(request, await run(request, job, start, "/v1/ask"))
+            job = await finished(request, run(job, start, "/v1/ask"))
             return JSONResponse({"question": question, "answer": job.text, "model": config.model_id,
                                  "usage": job_usage(job)})
 
@@ -248,7 +249,7 @@ def create_app(captioner, config: ServeConfig, *, device=None,
             options = _Options(max_tokens=chat_request.max_tokens, temperature=chat_request.temperature,
                                top_p=chat_request.top_p, seed=chat_request.seed)
             job = make_job(await pixels_from(data), chat_request.question, options)
-            ticket = await run(request, job, start, route, stream_text=chat_request.stream)
+            ticket = run(job, start, route, stream_text=chat_request.stream)
             if chat_request.stream:
                 request.state.counted = True  # the stream counts its own outcome when it ends
                 return StreamingResponse(stream(ticket, chat_request.include_usage), media_type="text/event-stream",

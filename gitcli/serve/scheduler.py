@@ -39,8 +39,11 @@ class Ticket:
 
     # engine thread
     def _on_token(self, job: Job, token: int) -> None:
-        delta = self.deltas.delta(job.tokens) if self.deltas is not None else ""
-        self._post(("token", token, delta))
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+        if self.deltas is None:
+            return  # nobody reads single tokens: the loop is woken once, at the end
+        self._post(("token", token, self.deltas.delta(job.tokens)))
 
     def _on_finish(self, job: Job) -> None:
         self._post(("done", None, ""))
@@ -53,14 +56,12 @@ class Ticket:
 
     # event loop
     async def events(self):
-        """Yields (token id, text delta) per token; returns when the job has ended
-        (`self.job` is final then). The delta is "" unless the ticket streams text."""
+        """Yields (token id, text delta) per token of a streaming ticket (nothing for the
+        others); returns when the job has ended (`self.job` is final then)."""
         while True:
             kind, token, delta = await self._events.get()
             if kind == "done":
                 return
-            if self.first_token is None:
-                self.first_token = time.perf_counter()
             yield token, delta
 
     async def text_events(self):
