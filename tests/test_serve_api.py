@@ -302,3 +302,36 @@ def test_metrics_count_requests_tokens_and_latency(server, pngs):
     assert metric(server, "gitcap_time_to_first_token_seconds_count", route="/v1/caption") >= 1
     text = httpx.get(server.url + "/metrics").text
     assert "gitcap_queue_depth" in text and "gitcap_running_batch_size" in text
+
+
+def test_a_decoding_fault_is_a_500_in_the_error_shape_and_the_server_goes_on(server, pngs, tiny_captioner):
+    def broken(module, args, output):
+        raise RuntimeError("simulated device fault")
+
+    handle = tiny_captioner.lm.register_forward_hook(broken)
+    try:
+        r = httpx.post(server.url + "/v1/caption", files={"image": ("x.png", pngs[0], "image/png")})
+    finally:
+        handle.remove()
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error" and "simulated device fault" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/caption", files={"image": ("x.png", pngs[0], "image/png")})
+    assert r.status_code == 200
+
+
+def test_a_client_that_leaves_mid_upload_is_counted_as_cancelled(server, pngs):
+    import socket
+    from urllib.parse import urlparse
+
+    before = metric(server, "gitcap_requests_total", route="/v1/caption", outcome="cancelled")
+    address = urlparse(server.url)
+    with socket.create_connection((address.hostname, address.port)) as sock:
+        sock.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 5000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; "
+                     b"filename=\"x.png\"\r\n\r\n" + pngs[0][:50])
+        time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while metric(server, "gitcap_requests_total", route="/v1/caption", outcome="cancelled") == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert httpx.post(server.url + "/v1/caption", files={"image": ("x.png", pngs[0], "image/png")}).status_code == 200

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import sys
 import time
+import traceback
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -19,6 +21,7 @@ from typing import Awaitable, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gitcli import __version__
 from gitcli.errors import GitcapError
@@ -96,8 +99,12 @@ def create_app(captioner, config: ServeConfig, *, device=None,
             response = await handler(request, start)
         except ApiError as exc:
             response = error_response(exc)
-        except _ClientGone:
+        except (_ClientGone, ClientDisconnect):  # the client left (while uploading, or waiting)
             response = Response(status_code=CLIENT_GONE)
+        except Exception as exc:  # a fault of the server: logged, and answered in the one error shape
+            traceback.print_exc(file=sys.stderr)
+            response = error_response(ApiError(500, f"internal error: {type(exc).__name__}", "server_error",
+                                               "internal_error"))
         if not getattr(request.state, "counted", False):
             metrics.requests.labels(route, outcome(response.status_code)).inc()
         return response
