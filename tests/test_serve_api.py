@@ -335,3 +335,11 @@ def test_a_client_that_leaves_mid_upload_is_counted_as_cancelled(server, pngs):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert httpx.post(server.url + "/v1/caption", files={"image": ("x.png", pngs[0], "image/png")}).status_code == 200
+
+
+def test_the_openapi_schema_describes_the_bodies(server):
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    form = paths["/v1/ask"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image", "question"]
+    assert "messages" in paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert httpx.get(server.url + "/docs").status_code == 200

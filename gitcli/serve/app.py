@@ -225,7 +225,7 @@ def create_app(captioner, config: ServeConfig, *, device=None,
                            seed=_form_int(form, "seed", None))
         return make_job(await pixels_from(data), question, options), question
 
-    @app.post("/v1/caption")
+    @app.post("/v1/caption", openapi_extra=_form_schema(question=False))
     async def caption(request: Request):
         async def handler(request: Request, start: float):
             job, _ = await form_request(request, with_question=False)
@@ -234,7 +234,7 @@ def create_app(captioner, config: ServeConfig, *, device=None,
 
         return await answer(request, "/v1/caption", handler)
 
-    @app.post("/v1/ask")
+    @app.post("/v1/ask", openapi_extra=_form_schema(question=True))
     async def ask(request: Request):
         async def handler(request: Request, start: float):
             job, question = await form_request(request, with_question=True)
@@ -244,7 +244,7 @@ def create_app(captioner, config: ServeConfig, *, device=None,
 
         return await answer(request, "/v1/ask", handler)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_SCHEMA)
     async def chat(request: Request):
         route = "/v1/chat/completions"
 
@@ -305,6 +305,32 @@ def create_app(captioner, config: ServeConfig, *, device=None,
             metrics.requests.labels(ticket.route, outcome(status)).inc()
 
     return app
+
+
+# ---- the request bodies, for /docs (they are parsed by hand, with limits) ------------
+def _form_schema(question: bool) -> dict:
+    fields = {"image": {"type": "string", "format": "binary", "description": "the image file"},
+              "max_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0},
+              "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+              "beams": {"type": "integer", "minimum": 1}, "seed": {"type": "integer"}}
+    required = ["image"]
+    if question:
+        fields["question"] = {"type": "string"}
+        required.append("question")
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": required, "properties": fields}}}}}
+
+
+CHAT_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "maxItems": 1, "description":
+                     "one user message: content parts are one image_url (a data: URL) and optional text "
+                     "(a question; none = caption)", "items": {"type": "object"}},
+        "max_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0},
+        "top_p": {"type": "number"}, "seed": {"type": "integer"}, "stream": {"type": "boolean"},
+        "stream_options": {"type": "object"}}}}}}}
 
 
 # ---- helpers ---------------------------------------------------------------------
