@@ -50,7 +50,9 @@ def serve(
     """Serve a captioner over HTTP: OpenAI chat completions, /v1/caption, /v1/ask, a web page at /.
 
     Requests are batched continuously; the decoding options are the defaults a request can
-    override. SIGTERM drains: new requests get 503, running ones finish, then it exits.
+    override. Beam-search requests are decoded in groups between the batch's steps, and only
+    they use --cache static / --compile. SIGTERM drains: new requests get 503, running ones
+    finish, then it exits.
 
     Example: gitcap serve --checkpoint ./gitcap-demo --port 8000
     """
