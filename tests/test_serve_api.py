@@ -343,3 +343,12 @@ def test_the_openapi_schema_describes_the_bodies(server):
     assert form["required"] == ["image", "question"]
     assert "messages" in paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert httpx.get(server.url + "/docs").status_code == 200
+
+
+def test_sampling_draws_afresh_unless_a_seed_is_given(client, pngs, tiny_captioner):
+    def sample(**kwargs):
+        return chat(client, pngs[2], max_tokens=20, temperature=1.5, **kwargs).choices[0].message.content
+
+    assert sample(seed=7) == sample(seed=7) == alone(tiny_captioner, pngs[2], None, max_new_tokens=20,
+                                                     temperature=1.5, seed=7).text
+    assert len({sample() for _ in range(4)}) > 1

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from gitcli.cli.common import (BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt, PrecisionOpt,
-                               PresetOpt, SeedOpt, TemperatureOpt, TopPOpt, user_errors)
+                               PresetOpt, TemperatureOpt, TopPOpt, user_errors)
 
 
 @user_errors
@@ -20,7 +20,8 @@ def serve(
                                         "answers, as caption and ask).")] = None,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
-    seed: SeedOpt = 0,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Sampling seed of requests that give none (default: a fresh one per request).")] = None,
     cache: CacheOpt = "dynamic",
     compile: DecodeCompileOpt = False,
     device: DeviceOpt = "auto",
@@ -62,8 +63,8 @@ def serve(
     from gitcli.serve.server import bind
 
     config = ServeConfig(
-        generation=GenerationConfig(beams=beams, temperature=temperature, top_p=top_p, seed=seed, cache=cache,
-                                    compile=compile),
+        generation=GenerationConfig(beams=beams, temperature=temperature, top_p=top_p, cache=cache, compile=compile),
+        seed=seed,
         max_new_tokens=max_new_tokens, host=host, port=port, max_batch_size=max_batch_size,
         prefill_batch=prefill_batch, max_queue=max_queue,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, api_key=api_key,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import secrets
 import sys
 import time
 import traceback
@@ -136,7 +137,8 @@ def create_app(captioner, config: ServeConfig, *, device=None,
             top_p=gen.top_p if options.top_p is None else options.top_p,
             # a request that asks for sampling is not held to the server's default beam width
             beams=options.beams if options.beams is not None else (1 if sampling else gen.beams),
-            seed=gen.seed if options.seed is None else options.seed,
+            seed=options.seed if options.seed is not None else (
+                config.seed if config.seed is not None else secrets.randbits(31)),
         )
         try:
             gen.validate()

@@ -21,6 +21,9 @@ class ServeConfig:
     # decoding defaults a request may override; max_new_tokens None = caption 20, answer 10
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     max_new_tokens: int | None = None
+    # sampling seed of a request that gives none; None = a fresh one per request (as OpenAI's
+    # API: asking again samples again), an int = every such request draws the same
+    seed: int | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_size: int = 32
