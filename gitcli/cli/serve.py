@@ -86,26 +86,49 @@ def serve(
 
 
 def _load_and_serve(sock, config, *, checkpoint, preset, device, dtype, precision) -> None:
+    """Listen at once (/health says "loading"), load the model in a thread, then serve."""
     from pathlib import Path
 
     from gitcli.cli.common import console
+    from gitcli.errors import GitcapError
     from gitcli.infer import RuntimeOptions, load_model
     from gitcli.serve.app import create_app
     from gitcli.serve.server import serve
 
+    # a wrong path or preset is one line before the server starts (a model that fails to
+    # load later is one error line after the "serving" line)
+    if checkpoint is not None and preset is not None:
+        raise GitcapError("give either --checkpoint or --preset, not both")
+    if checkpoint is not None:
+        from gitcli.model.checkpoint import resolve_checkpoint
+
+        resolve_checkpoint(checkpoint)
+    elif preset != "tiny":
+        raise GitcapError(f"unknown preset {preset!r}; the built-in preset is: tiny")
     runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision)
-    with console.status("loading model"):
-        model, dev, prec = load_model(checkpoint, preset, runtime)
-    if preset is not None:
-        console.print(f"[yellow]note:[/] the {preset} preset is untrained here: expect random words")
-    config.precision = prec
     config.model_id = f"gitcap-{preset}" if preset is not None else Path(checkpoint).resolve().name
     port = sock.getsockname()[1]
     shown = f"[{config.host}]" if ":" in config.host else config.host
     url = f"http://{shown}:{port}"
+    failures: list[BaseException] = []
+
+    def load():
+        model, dev, prec = load_model(checkpoint, preset, runtime)
+        config.precision = prec  # read when the engine is built, right after
+        return model, dev
 
     def ready() -> None:
-        console.print(f"serving [bold]{config.model_id}[/] at {url}  (API docs: {url}/docs; Ctrl-C or SIGTERM "
+        if preset is not None:
+            console.print(f"[yellow]note:[/] the {preset} preset is untrained here: expect random words")
+        console.print(f"ready: [bold]{config.model_id}[/] at {url}  (API docs: {url}/docs; Ctrl-C or SIGTERM "
                       "drains and stops)")
 
-    serve(create_app(model, config, device=dev, on_ready=ready), sock)
+    def load_failed(exc: BaseException) -> None:
+        failures.append(exc)
+        app.state.server.should_exit = True
+
+    app = create_app(None, config, load=load, on_ready=ready, on_load_error=load_failed)
+    console.print(f"serving at {url}: loading {config.model_id} (GET /health says ready when it is)")
+    serve(app, sock)
+    if failures:
+        raise failures[0]

@@ -44,6 +44,12 @@ class _ClientGone(Exception):
 
 
 @dataclasses.dataclass
+class _Model:
+    captioner: object = None
+    transform: Callable | None = None
+
+
+@dataclasses.dataclass
 class _Options:
     max_tokens: int | None = None
     temperature: float | None = None
@@ -52,27 +58,52 @@ class _Options:
     seed: int | None = None
 
 
-def create_app(captioner, config: ServeConfig, *, device=None,
-               on_ready: Callable[[], None] | None = None) -> FastAPI:
-    """An app serving `captioner`; its engine thread starts and stops with the app's lifespan."""
+def create_app(captioner, config: ServeConfig, *, device=None, on_ready: Callable[[], None] | None = None,
+               load: Callable[[], tuple] | None = None,
+               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """An app serving `captioner`; its engine thread starts and stops with the app's lifespan.
+
+    With `load` (and `captioner` None) the model is loaded in a thread once the server is
+    up: /health says "loading" and model routes answer 503 until `load()` returns
+    (captioner, device); a failure goes to `on_load_error`.
+    """
     from gitcli.data.text import prompt_text
 
     config.validate()
-    engine = ContinuousEngine(captioner, device=device, precision=config.precision,
-                              max_batch_size=config.max_batch_size, mode=config.scheduler,
-                              max_prefill_batch=config.prefill_batch)
-    scheduler = Scheduler(engine, config.max_queue)
+    if (captioner is None) == (load is None):
+        raise ValueError("give a captioner or a load function, not both")
+    scheduler = Scheduler(max_queue=config.max_queue)
     metrics = Metrics()
     metrics.watch(lambda: scheduler.queue_depth, lambda: scheduler.running)
-    transform = captioner.image_transform()
+    model = _Model()
     created = int(time.time())
+
+    def start(captioner, device) -> None:
+        model.captioner, model.transform = captioner, captioner.image_transform()
+        scheduler.start(ContinuousEngine(captioner, device=device, precision=config.precision,
+                                         max_batch_size=config.max_batch_size, mode=config.scheduler,
+                                         max_prefill_batch=config.prefill_batch))
+        if on_ready is not None:
+            on_ready()
+
+    async def load_then_start() -> None:
+        try:
+            start(*await asyncio.to_thread(load))
+        except Exception as exc:
+            if on_load_error is None:
+                raise
+            on_load_error(exc)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
-        if on_ready is not None:
-            on_ready()
+        loading = None
+        if load is None:
+            start(captioner, device)
+        else:
+            loading = asyncio.create_task(load_then_start())
         yield
+        if loading is not None and not loading.done():
+            loading.cancel()
         scheduler.stop()
 
     app = FastAPI(title="gitcap", version=__version__, lifespan=lifespan,
@@ -123,7 +154,7 @@ def create_app(captioner, config: ServeConfig, *, device=None,
 
     async def pixels_from(data: bytes):
         def prepare():
-            return transform(decode_image(data, config.max_image_pixels))
+            return model.transform(decode_image(data, config.max_image_pixels))
 
         return await asyncio.to_thread(prepare)  # decoding a large image must not stall the loop
 
@@ -145,7 +176,7 @@ def create_app(captioner, config: ServeConfig, *, device=None,
         except GitcapError as exc:
             raise bad_request(str(exc).replace("--max-new-tokens", "max_tokens").replace("--", ""),
                               "invalid_value") from None
-        return Job(pixels, prompt_text(captioner.config, question), gen)
+        return Job(pixels, prompt_text(model.captioner.config, question), gen)
 
     def run(job: Job, start: float, route: str, stream_text: bool = False) -> Ticket:
         ticket = scheduler.submit(job, stream_text=stream_text)
@@ -208,6 +239,7 @@ def create_app(captioner, config: ServeConfig, *, device=None,
         return await answer(request, "/v1/models", handler)
 
     async def form_request(request: Request, with_question: bool):
+        scheduler.check_open()
         body = await read_body(request, config.max_image_bytes + FORM_OVERHEAD)
         form = await _parse_form(request, body)
         upload = form.get("image")
@@ -251,6 +283,7 @@ def create_app(captioner, config: ServeConfig, *, device=None,
         route = "/v1/chat/completions"
 
         async def handler(request: Request, start: float):
+            scheduler.check_open()
             # a base64 data: URL is 4/3 of the image's size
             body = await read_body(request, config.max_image_bytes * 4 // 3 + FORM_OVERHEAD)
             chat_request = oai.parse_chat(oai.parse_json(body))
