@@ -204,6 +204,7 @@ class ContinuousEngine:
         self._positions: torch.Tensor | None = None  # (R, 1) the next position of each row
         self._tokens: torch.Tensor | None = None  # (R,) the token each row feeds next
         self._prefix_positions: int | None = None
+        self._stepping = False
 
     # ---- from any thread --------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -220,7 +221,8 @@ class ContinuousEngine:
         return len(self._rows)
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or bool(self._rows)
+        # _stepping covers jobs taken from the queue but not yet rows (their prefill runs)
+        return bool(self._waiting) or bool(self._rows) or self._stepping
 
     # ---- on the engine's thread ---------------------------------------------------
     @torch.no_grad()
@@ -228,13 +230,17 @@ class ContinuousEngine:
         """Admit newcomers, decode one beam group if one waits, then one token per running row."""
         from gitcli.dist import autocast
 
-        with autocast(self.precision, self.device):
-            self._drop_cancelled()
-            beam_jobs = self._admit()
-            if beam_jobs:
-                self._run_beam_group(beam_jobs)
-            if self._rows:
-                self._decode_one()
+        self._stepping = True
+        try:
+            with autocast(self.precision, self.device):
+                self._drop_cancelled()
+                beam_jobs = self._admit()
+                if beam_jobs:
+                    self._run_beam_group(beam_jobs)
+                if self._rows:
+                    self._decode_one()
+        finally:
+            self._stepping = False
 
     def fail_all(self, exc: BaseException) -> None:
         """End every waiting and running job with `exc` (a fault outside any one job)."""
