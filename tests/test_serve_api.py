@@ -224,6 +224,8 @@ def test_bad_uploads(server, pngs, payload, status, words):
 def test_malformed_bodies_are_400(server, pngs):
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"[" * 60_000 + b"]" * 60_000)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/caption", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"})
     assert r.status_code == 400 and r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/caption", data={"max_tokens": "3"})
