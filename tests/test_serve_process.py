@@ -193,3 +193,19 @@ def test_a_checkpoint_that_fails_to_load_is_one_error_line_after_the_url(tiny_ch
     lines = result.output.strip().splitlines()
     assert "serving at http://127.0.0.1:" in lines[0] and "broken" in lines[0]
     assert lines[-1].startswith("error:") and "Traceback" not in result.output
+
+
+def test_the_whole_batch_scheduler_serves_the_same_answers(tiny_captioner, scene_images):
+    """--scheduler whole (the benchmark's baseline) runs the same engine, admitting only into
+    an empty batch; it answers the same text."""
+    from support.serve_fixtures import running_server
+
+    png = _png(scene_images)
+    answers = []
+    for scheduler in ("whole", "continuous"):
+        with running_server(tiny_captioner, scheduler=scheduler) as server:
+            assert server.scheduler.engine.mode == scheduler
+            r = httpx.post(server.url + "/v1/caption", files={"image": ("x.png", png, "image/png")})
+            assert r.status_code == 200
+            answers.append(r.json()["caption"])
+    assert answers[0] == answers[1]
