@@ -10,7 +10,7 @@ import pytest
 
 from gitcli.errors import GitcapError
 from gitcli.evaluate import captions, meteor, ptb
-from tests.support.synthetic_captions import synthetic_caption_set
+from support.synthetic_captions import synthetic_caption_set
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs Java")
 

@@ -1,1 +1,2 @@
-"""Helpers the tests share (servers, hostile files, checks); no tests here."""
+"""Helpers the tests share (servers, hostile files, checks), imported as `support.NAME`
+(tests/ is on sys.path under pytest); no tests here."""
