@@ -54,7 +54,7 @@ def alone(captioner, png: bytes, question: str | None, **options):
 
     options.setdefault("max_new_tokens", 20 if question is None else 10)
     path = _tmp_png(png)
-    [result] = run_on_images(captioner, torch.device("cpu"), "fp32", [path], [question],
+    [result] = run_on_images(captioner, "fp32", [path], [question],
                              GenerationConfig(**options), batch_size=1)
     return result.generation
 

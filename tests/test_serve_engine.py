@@ -28,7 +28,7 @@ def alone(captioner, path, question, config):
     """What `gitcap caption` / `ask` decode for this one image."""
     from gitcli.infer import run_on_images
 
-    [result] = run_on_images(captioner, torch.device("cpu"), "fp32", [path], [question], config, batch_size=1)
+    [result] = run_on_images(captioner, "fp32", [path], [question], config, batch_size=1)
     return result.generation
 
 

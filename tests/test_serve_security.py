@@ -157,7 +157,7 @@ def test_an_allowed_image_url_is_fetched_and_captioned(server, loopback_image_ho
     assert r.status_code == 200, r.text
     path = pathlib.Path(tempfile.mkdtemp()) / "scene.png"
     path.write_bytes(png)
-    [want] = run_on_images(tiny_captioner, torch.device("cpu"), "fp32", [path], [None], GenerationConfig(), 1)
+    [want] = run_on_images(tiny_captioner, "fp32", [path], [None], GenerationConfig(), 1)
     assert r.json()["choices"][0]["message"]["content"] == want.generation.text
 
     server.app.state.config.max_image_bytes = len(png) - 1

@@ -43,6 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from gitcli.config import GenerationConfig
+from gitcli.data.text import encode_prompts
+from gitcli.generate.decode import generate, lm_step, new_cache, pick_tokens
+from gitcli.generate.inputs import prepare_inputs
 
 ENGINE_MODES = ("continuous", "whole")
 
@@ -82,12 +85,12 @@ class Job:
         return self.finish_reason is not None
 
 
-# ---- the adapter: every use of the batch decoder's internals is here ------------------
+# ---- the decoder's pieces the engine uses ------------------------------------------
 class _Decoder:
-    """Prefill one image, one batched one-token step, one pick, one beam group.
-
-    The only place the engine touches captioner/prompt/decode internals, so it follows
-    their public successors with a change here alone.
+    """Prefill a few images, one batched one-token step, one pick, one beam group: the
+    batch decoder's own public pieces (`gitcli.generate.inputs` prepares the inputs
+    exactly as `generate` does, `gitcli.generate.decode` steps and picks), so a row
+    decodes here as it would in `gitcap caption`.
     """
 
     def __init__(self, captioner):
@@ -100,39 +103,26 @@ class _Decoder:
         """Images (N, 3, H, W) with their prompts, as `generate` prefills a batch (one image:
         exactly `gitcap caption` on one image).
         -> (cache, mask (N, T), next position (N, 1), logits (N, V))."""
-        from gitcli.data.text import encode_prompts
-        from gitcli.generate.decode import _new_cache, _step
-
-        device = self.captioner.device
-        prefix = self.captioner.image_prefix(pixel_values.to(device))  # (N, P, D)
-        ids, mask = encode_prompts(self.tokenizer, prompts)
-        embeds, mask, positions = self.captioner.join(prefix, ids.to(device), mask.to(device), left_pad=True)
-        cache = _new_cache(self.lm)
-        logits = _step(self.lm, cache, mask, positions, embeds=embeds)
+        prefix = self.captioner.image_prefix(pixel_values.to(self.captioner.device))  # (N, P, D)
+        embeds, mask, positions = prepare_inputs(self.captioner, prefix, prompts)
+        cache = new_cache(self.lm)
+        logits = lm_step(self.lm, cache, mask, positions, embeds=embeds)
         return cache, mask, positions[:, -1:] + 1, logits
 
     def step(self, cache, mask, positions, tokens):
-        from gitcli.generate.decode import _step
-
-        return _step(self.lm, cache, mask, positions, ids=tokens[:, None])
+        return lm_step(self.lm, cache, mask, positions, ids=tokens[:, None])
 
     def pick(self, logits: torch.Tensor, config: GenerationConfig, generator) -> torch.Tensor:
-        from gitcli.generate.decode import _pick
-
-        return _pick(logits, config, generator)
+        return pick_tokens(logits, config, generator)
 
     def beam_group(self, pixel_values: torch.Tensor, prompts: list[str], config: GenerationConfig):
         """-> one list of token ids (no EOS) per image."""
-        from gitcli.generate.decode import generate
-
         return [g.token_ids for g in generate(self.captioner, pixel_values, prompts, config)]
 
     def prefix_length(self, pixel_values: torch.Tensor) -> int:
         return int(self.captioner.image_prefix(pixel_values[None].to(self.captioner.device)).shape[1])
 
     def prompt_length(self, prompt: str) -> int:
-        from gitcli.data.text import encode_prompts
-
         return int(encode_prompts(self.tokenizer, [prompt])[0].shape[1])
 
     def text(self, tokens: list[int]) -> str:

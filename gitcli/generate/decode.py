@@ -43,7 +43,7 @@ class Generation:
     score: float | None = None  # beam search: length-normalised log-probability
 
 
-def _new_cache(lm):
+def new_cache(lm):
     from transformers import DynamicCache
 
     return DynamicCache(config=lm.config)
@@ -58,7 +58,7 @@ def _static_state(lm, prefill, rows: int, length: int, device, config: Generatio
     return static_state(lm, rows, length, dtype, device, config.compile)
 
 
-def _step(lm, cache, mask, positions, *, embeds=None, ids=None):
+def lm_step(lm, cache, mask, positions, *, embeds=None, ids=None):
     out = lm(inputs_embeds=embeds, input_ids=ids, attention_mask=mask, position_ids=positions,
              use_cache=True, logits_to_keep=1, **{cache_argument(lm): cache})
     return out.logits[:, -1].float()  # (rows, V)
@@ -99,14 +99,14 @@ def _greedy_or_sample(lm, embeds, mask, positions, config: GenerationConfig, eos
     """One token per running row per step; a row that emits EOS leaves the batch, so the
     cache, mask and positions shrink with it and finished rows cost nothing more."""
     rows, device = embeds.shape[0], embeds.device
-    cache = _new_cache(lm)
+    cache = new_cache(lm)
     gen = torch.Generator(device=device).manual_seed(config.seed) if config.sampling else None
-    logits = _step(lm, cache, mask, positions, embeds=embeds)
+    logits = lm_step(lm, cache, mask, positions, embeds=embeds)
     next_pos = positions[:, -1:] + 1
     outputs: list[list[int]] = [[] for _ in range(rows)]
     running = torch.arange(rows, device=device)  # original row of each batch row
     for step in range(config.max_new_tokens):
-        token = _pick(logits, config, gen)
+        token = pick_tokens(logits, config, gen)
         for row, tok in zip(running.tolist(), token.tolist()):
             outputs[row].append(tok)
         alive = token != eos
@@ -117,7 +117,7 @@ def _greedy_or_sample(lm, embeds, mask, positions, config: GenerationConfig, eos
             cache.batch_select_indices(keep)
             running, token, mask, next_pos = running[keep], token[keep], mask[keep], next_pos[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = _step(lm, cache, mask, next_pos, ids=token[:, None])
+        logits = lm_step(lm, cache, mask, next_pos, ids=token[:, None])
         next_pos = next_pos + 1
     return [(_until_eos(row, eos), None) for row in outputs]
 
@@ -130,15 +130,15 @@ def _greedy_or_sample_static(lm, embeds, mask, positions, config: GenerationConf
     """
     rows, device, max_new = embeds.shape[0], embeds.device, config.max_new_tokens
     gen = torch.Generator(device=device).manual_seed(config.seed) if config.sampling else None
-    prefill = _new_cache(lm)
-    logits = _step(lm, prefill, mask, positions, embeds=embeds)
+    prefill = new_cache(lm)
+    logits = lm_step(lm, prefill, mask, positions, embeds=embeds)
     state = _static_state(lm, prefill, rows, mask.shape[1] + max_new - 1, device, config)
     state.start(prefill, mask, positions)
     del prefill  # its keys/values now live in the static cache
     tokens = torch.zeros((rows, max_new), dtype=torch.long, device=device)
     ended = torch.zeros(rows, dtype=torch.bool, device=device)
     for step in range(max_new):
-        token = _pick(logits, config, gen)
+        token = pick_tokens(logits, config, gen)
         tokens[:, step] = token
         if step + 1 == max_new:
             break
@@ -150,7 +150,7 @@ def _greedy_or_sample_static(lm, embeds, mask, positions, config: GenerationConf
     return [(_until_eos(row, eos), None) for row in tokens[:, : step + 1].tolist()]
 
 
-def _pick(logits: torch.Tensor, config: GenerationConfig, gen) -> torch.Tensor:
+def pick_tokens(logits: torch.Tensor, config: GenerationConfig, gen) -> torch.Tensor:
     if not config.sampling:
         return logits.argmax(dim=-1)
     probs = F.softmax(logits / config.temperature, dim=-1)
@@ -174,8 +174,8 @@ def _beam_search(lm, embeds, mask, positions, config: GenerationConfig, eos: int
 
     static = config.cache == "static"
 
-    cache = _new_cache(lm)
-    logits = _step(lm, cache, mask, positions, embeds=embeds)  # prefill once per image
+    cache = new_cache(lm)
+    logits = lm_step(lm, cache, mask, positions, embeds=embeds)  # prefill once per image
     logits = logits.repeat_interleave(nb, dim=0)
     if static:  # the prefix's keys/values are copied to each beam's rows of the static cache
         state = _static_state(lm, cache, batch * nb, mask.shape[1] + max_new - 1, device, config)
@@ -263,7 +263,7 @@ def _beam_search(lm, embeds, mask, positions, config: GenerationConfig, eos: int
         cache.reorder_cache(row_index)  # reorders beams and drops finished images at once
         mask, next_pos = mask[row_index], next_pos[row_index]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = _step(lm, cache, mask, next_pos, ids=next_token.flatten()[:, None])
+        logits = lm_step(lm, cache, mask, next_pos, ids=next_token.flatten()[:, None])
         next_pos = next_pos + 1
 
     _keep_best(results, image, fin_seqs, fin_lens, fin_scores, eos)

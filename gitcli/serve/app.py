@@ -67,7 +67,7 @@ def create_app(captioner, config: ServeConfig, *, device=None, on_ready: Callabl
     up: /health says "loading" and model routes answer 503 until `load()` returns
     (captioner, device); a failure goes to `on_load_error`.
     """
-    from gitcli.data.text import prompt_text
+    from gitcli.generate.inputs import prompts_for
 
     config.validate()
     if (captioner is None) == (load is None):
@@ -176,7 +176,7 @@ def create_app(captioner, config: ServeConfig, *, device=None, on_ready: Callabl
         except GitcapError as exc:
             raise bad_request(str(exc).replace("--max-new-tokens", "max_tokens").replace("--", ""),
                               "invalid_value") from None
-        return Job(pixels, prompt_text(model.captioner.config, question), gen)
+        return Job(pixels, prompts_for(model.captioner.config, [question])[0], gen)
 
     def run(job: Job, start: float, route: str, stream_text: bool = False) -> Ticket:
         ticket = scheduler.submit(job, stream_text=stream_text)
