@@ -13,7 +13,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 from PIL import Image
 
 from gitcli.config import GenerationConfig
