@@ -181,3 +181,80 @@ def test_nonfinite_loss_is_skipped_then_stops(tmp_path, monkeypatch):
     monkeypatch.setattr(cap.Captioner, "forward", nan_forward)
     with pytest.raises(GitcapError, match="non-finite"):
         train(tiny_model_config(), DATA, _run(tmp_path, "nan", max_nonfinite=3), progress=False)
+
+
+# ---- killed and resumed: the run it would have been ---------------------------------------
+HARNESS = os.path.join(os.path.dirname(__file__), "resume_harness.py")
+# 12 examples in batches of 4: 3 steps an epoch, 3 epochs. Checkpoints every 2 steps (one
+# at an epoch's last step, 6), a line every 3 steps (so the loss window spans checkpoints).
+KILL_RUN = dict(train=dict(max_steps=7, batch_size=4, lr=2e-3, save_every=2, log_every=3, seed=0, keep_last=10),
+                data=dict(synthetic_size=12, task="captions", num_workers=0))
+KILL_SEGMENTS = [
+    {"run": "ref"},  # uninterrupted
+    {"run": "cut", "kill": ["checkpoint-write", 4]},  # during a checkpoint write: resumes from 2, mid-epoch
+    {"run": "cut", "resume": True, "kill": ["forward-after-step", 4]},  # mid-epoch (step 5 of 3..5)
+    {"run": "cut", "resume": True, "kill": ["forward-after-step", 6]},  # after the epoch's last step, 6
+    {"run": "cut", "resume": True},
+]
+
+
+def run_kill_harness(tmp_path, world=1, zero=None, segments=KILL_SEGMENTS, timeout=300):
+    """Run `segments` in `world` harness processes (the same global batch whatever `world`);
+    checks that each ended as planned (killed where a kill was asked)."""
+    ports = [_free_port() for _ in segments] if world > 1 else []
+    run = dict(KILL_RUN, train=dict(KILL_RUN["train"], batch_size=KILL_RUN["train"]["batch_size"] // world))
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, HARNESS, json.dumps(
+        dict(run, dir=str(tmp_path), world=world, rank=rank, zero=zero, ports=ports, segments=segments))],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1]) == [
+            "killed" if seg.get("kill") else "ok" for seg in segments], err[-3000:]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_resumed_run_is_the_uninterrupted_one(tmp_path):
+    from safetensors.torch import load_file
+
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert json.loads((cut / "checkpoint-7" / "lm" / "config.json").read_text())["dropout"] == 0.1
+
+    def steps(run):  # the last value recorded for each step: a resumed run's replaces the killed one's
+        by_step = {}
+        for line in (tmp_path / f"{run}.trace.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            by_step[record["step"]] = (record["loss"], record["lr"])
+        return by_step
+
+    assert sorted(steps("ref")) == list(range(1, 8))
+    assert steps("cut") == steps("ref")  # every step's loss and learning rate, exactly
+
+    def logged(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    cut_lines, ref_lines = logged("cut"), logged("ref")
+    assert [r["step"] for r in cut_lines] == [3, 6, 7]  # each step once, though 3 was logged before a kill
+    for a, b in zip(cut_lines, ref_lines, strict=True):
+        assert (a["epoch"], a["loss"], a["lr"]) == (b["epoch"], b["loss"], b["lr"])
+    for part in sorted(p.relative_to(ref / "checkpoint-7") for p in (ref / "checkpoint-7").rglob("*.safetensors")):
+        a, b = load_file(ref / "checkpoint-7" / part), load_file(cut / "checkpoint-7" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert [p.name for p in cut.iterdir() if p.name.startswith(".")] == []  # no temporaries, no lock left
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    """SIGKILL during a checkpoint write, mid-epoch, and right after an epoch's last step
+    (a checkpoint there); each time resumed: a tiny model with dropout gives every step's
+    loss and lr, every logged line and the final weights of the run that was never stopped."""
+    run_kill_harness(tmp_path)
+    assert_resumed_run_is_the_uninterrupted_one(tmp_path)

@@ -11,7 +11,6 @@ step, save and resume lines differ.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
@@ -24,12 +23,12 @@ from torch.utils.data import DataLoader
 
 from gitcli.config import DataConfig, ModelConfig, TrainConfig, to_dict, write_json
 from gitcli.data.datasets import (BucketBatchSampler, CachedFeatureDataset, Collator, RecordDataset, ResumableSampler,
-                                  token_lengths)
+                                  epoch_generator, token_lengths)
 from gitcli.data.sources import build_source
 from gitcli.dist import (all_reduce_mean, autocast, barrier, init_distributed, is_main_process, resolve_device,
                          resolve_precision)
 from gitcli.errors import GitcapError
-from gitcli.formats.atomic import copy_dir_atomic
+from gitcli.formats.atomic import TMP_MARK, copy_dir_atomic, remove_temporaries
 from gitcli.model.captioner import Captioner, apply_lora, build_captioner, freeze_for_training
 from gitcli.model.checkpoint import (LATEST_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint, saved_parameters,
                                      write_latest)
@@ -37,6 +36,7 @@ from gitcli.train import zero as ds
 from gitcli.train.deepspeed_config import build_config, check_combination, offloads, zero_stage
 from gitcli.train.features import build_feature_cache, check_cache_features
 from gitcli.progress import ProgressBar
+from gitcli.train.metrics import MetricsLog
 from gitcli.train.report import Reporter, check_available
 from gitcli.train.schedule import lr_factor
 from gitcli.train.state import load_state, rng_state, save_state, set_rng_state
@@ -171,11 +171,13 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     tower_offloaded = bool(cfg.cache_features) and device.type == "cuda" and stage is None
     if tower_offloaded:
         model.vision.to("cpu")
-    micro_per_epoch = (len(dataset) // world) // cfg.batch_size
-    steps_per_epoch = micro_per_epoch // cfg.grad_accum
+    steps_per_epoch = ((len(dataset) // world) // cfg.batch_size) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise GitcapError(f"{len(dataset)} examples are fewer than one step's worth "
                           f"({cfg.batch_size} x {cfg.grad_accum} x {world} processes)")
+    # An epoch is whole steps: micro-batches that would not fill one are left out (their
+    # gradients would otherwise leak into the next epoch's first step).
+    micro_per_epoch = steps_per_epoch * cfg.grad_accum
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
 
     train_module: torch.nn.Module = model
@@ -208,6 +210,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         train_module = engine
 
     step, epoch, micro_done, best, nonfinite_run = 0, 0, 0, None, 0
+    window: list[float] = []  # losses since the last logged line: the next line's mean
     if state is not None:
         if engine is None:
             optimizer.load_state_dict(state["optimizer"])
@@ -218,15 +221,18 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         step, epoch, micro_done = int(state["step"]), int(state["epoch"]), int(state["micro_done"])
         best = state.get("best")
+        window = [float(x) for x in state.get("loss_window", [])]
         if is_main_process():
             print(f"resuming {out} at step {step} (epoch {epoch})")
 
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(out)  # what a killed checkpoint write left: a whole model's worth each
         write_json(out / "train_config.json", {"model": to_dict(model_cfg), "data": to_dict(data_cfg),
                                                "train": to_dict(cfg), "world_size": world})
     result = TrainResult(out, step, None, best_score=best, data_notes=notes)
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if is_main_process() else None
+    barrier()  # no rank writes before rank 0 has cleared the folder
+    metrics = MetricsLog(out, step if state is not None else None) if is_main_process() else None
     reporter = (Reporter(cfg.report_to, out, {"model": to_dict(model_cfg), "train": to_dict(cfg)})
                 if cfg.report_to and is_main_process() else None)
 
@@ -234,8 +240,9 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         name = f"checkpoint-{tag_step}"
         rngs = _gather_rng(world)
         state = {"scheduler": scheduler.state_dict(), "rng": rngs, "step": tag_step, "epoch": epoch,
-                 "micro_done": micro_done, "best": result.best_score, "sampler": sampler_kind}
-        staging = out / f".{name}.deepspeed"
+                 "micro_done": micro_done, "best": result.best_score, "sampler": sampler_kind,
+                 "loss_window": list(window)}
+        staging = out / f".{name}{TMP_MARK}deepspeed"
         if engine is None:
             if is_main_process():
                 state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
@@ -253,6 +260,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
 
         with ds.gathered(model, stage or 0, saved_parameters(model)):
             if is_main_process():
+                metrics.sync()  # every line up to this step is on disk before `latest` names it
                 save_checkpoint(model, out / name, extra={"step": tag_step}, also_write=also_write)
                 write_latest(out, name)
                 _prune(out, cfg.keep_last)
@@ -267,8 +275,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
             report = validator(model, step)
         model.train()
         if is_main_process():
-            metrics.write(json.dumps({"step": step, "validation": report}) + "\n")
-            metrics.flush()
+            metrics.write({"step": step, "validation": report})
             if reporter is not None:
                 reporter.log({f"val/{k}": v for k, v in report.items()}, step)
             score = report.get("score")
@@ -278,7 +285,6 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
 
     bar = _Bar(total_steps, enabled=progress and is_main_process())
     start, samples_seen = time.perf_counter(), 0
-    window: list[float] = []
     try:
         with bar:
             bar.update(step, None, scheduler.get_last_lr()[0], 0.0)
@@ -288,15 +294,20 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
                 # Pinned batches copy to the GPU asynchronously (non_blocking below), so the
                 # copy of the next batch overlaps the kernels still running.
                 pin = device.type == "cuda"
+                generator = epoch_generator(cfg.seed, epoch, rank)  # never the global RNG: dropout's
                 if isinstance(sampler, BucketBatchSampler):
                     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=data_cfg.num_workers,
-                                        collate_fn=collate, persistent_workers=False, pin_memory=pin)
+                                        collate_fn=collate, persistent_workers=False, pin_memory=pin,
+                                        generator=generator)
                 else:
                     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
                                         num_workers=data_cfg.num_workers, collate_fn=collate,
-                                        drop_last=True, persistent_workers=False, pin_memory=pin)
-                group_losses, bad = [], False
+                                        drop_last=True, persistent_workers=False, pin_memory=pin,
+                                        generator=generator)
+                group_losses, bad, done = [], False, False
                 for batch in loader:
+                    if micro_done >= micro_per_epoch:  # only the left-over micro-batches of a short last step
+                        break
                     micro_done += 1
                     result.skipped_images += batch["skipped"]
                     if batch["size"] > 0:
@@ -352,23 +363,23 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
                         record = {"step": step, "epoch": epoch, "loss": sum(window) / len(window),
                                   "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
                                   "skipped_images": result.skipped_images}
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
+                        metrics.write(record)
                         if reporter is not None:
                             reporter.log(record, step)
                         window = []
                     done = step >= total_steps or (stop_after is not None and len(result.losses) >= stop_after)
+                    epoch_ended = micro_done >= micro_per_epoch
+                    if epoch_ended:  # the one place the epoch moves on: a checkpoint saved now resumes there
+                        epoch, micro_done = epoch + 1, 0
                     if step % cfg.save_every == 0 or step == total_steps:
-                        if micro_done >= micro_per_epoch:  # the epoch ended with this step
-                            epoch, micro_done = epoch + 1, 0
                         result.last_checkpoint = save(step)
                         validate_and_keep_best(result.last_checkpoint)
-                    if done:
+                    if done or epoch_ended:
                         break
-                else:
+                if micro_done:  # the loader ran dry before the epoch's last step (never, with whole steps)
                     epoch, micro_done = epoch + 1, 0
-                    continue
-                break
+                if done:
+                    break
     finally:
         if metrics is not None:
             metrics.close()
