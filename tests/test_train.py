@@ -258,3 +258,76 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     loss and lr, every logged line and the final weights of the run that was never stopped."""
     run_kill_harness(tmp_path)
     assert_resumed_run_is_the_uninterrupted_one(tmp_path)
+
+
+# ---- a resumed run is the run it resumes -------------------------------------------------
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from gitcli.cli import app
+
+    return CliRunner().invoke(app, ["train", *map(str, args)])
+
+
+def _error_lines(result):
+    assert "Traceback" not in result.output
+    return [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+def test_cli_resume_takes_the_saved_options_and_refuses_other_ones(tmp_path):
+    run = tmp_path / "run"
+    missing = _cli("--preset", "tiny", "-o", run)
+    assert missing.exit_code == 2 and not run.exists()
+    assert _error_lines(missing) == ["error: no --data given: name the training data, or pass --data synthetic for "
+                                     "the built-in synthetic set"]
+    first = _cli("--preset", "tiny", "--data", "synthetic", "--synthetic-size", 12, "--task", "captions",
+                 "--num-workers", 0, "--max-steps", 2, "--batch-size", 4, "--lr", "2e-3", "--save-every", 2,
+                 "--device", "cpu", "-o", run)
+    assert first.exit_code == 0, first.output
+    again = _cli("-o", run, "--resume")
+    assert again.exit_code == 0 and f"{run} already finished at step 2" in again.output
+    assert "final loss" not in again.output
+    for option, value, saved in (("--lr", "0.5", "0.002"), ("--data", "data/cc3m", "synthetic"),
+                                 ("--batch-size", 8, 4), ("--synthetic-size", 2000, 12)):
+        refused = _cli("-o", run, "--resume", "--max-steps", 3, option, value)
+        assert refused.exit_code == 2
+        (line,) = _error_lines(refused)
+        assert line.startswith(f"error: {option} {value} disagrees with the run in {run}, which was started with "
+                               f"{saved};") and "--max-steps" in line
+    assert (run / "latest").read_text().strip() == "checkpoint-2"  # nothing of it trained
+    # --data left out: the run's own data (12 synthetic scenes, not the option's 2000), two more steps
+    longer = _cli("-o", run, "--resume", "--max-steps", 4, "--lr", "2e-3", "--save-every", 4)
+    assert longer.exit_code == 0, longer.output
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["data"]["synthetic_size"] == 12 and saved["data"]["task"] == "captions"
+    assert (saved["train"]["max_steps"], saved["train"]["save_every"], saved["train"]["lr"]) == (4, 4, 2e-3)
+    assert (run / "latest").read_text().strip() == "checkpoint-4"
+
+
+def test_library_resume_with_other_options_is_refused(tmp_path):
+    train(tiny_model_config(), DATA, _run(tmp_path, "r", max_steps=3), progress=False)
+    with pytest.raises(GitcapError, match=r"^--weight-decay 0.1 disagrees .* started with 0.0;"):
+        train(tiny_model_config(), DATA, _run(tmp_path, "r", max_steps=4, weight_decay=0.1, resume=True),
+              progress=False)
+
+
+def test_longer_max_steps_on_resume_follows_the_longer_schedule(tmp_path, monkeypatch):
+    """--max-steps raised on resume: from the resume step on, the lr is the longer run's
+    (its first step's too, not the one the shorter schedule left in the optimizer)."""
+    train(tiny_model_config(), DATA, _run(tmp_path, "long", max_steps=6, save_every=3), progress=False)
+    train(tiny_model_config(), DATA, _run(tmp_path, "short", max_steps=3, save_every=3), progress=False)
+    used = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train(tiny_model_config(), DATA, _run(tmp_path, "short", max_steps=6, save_every=3, resume=True), progress=False)
+
+    def lrs(run):  # the lr after each step: the one the next step uses
+        return [r["lr"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+
+    assert used == lrs("long")[2:5]
+    assert lrs("short")[3:] == lrs("long")[3:]

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from gitcli.config import DataConfig, ModelConfig, TrainConfig, to_dict, write_json
+from gitcli.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from gitcli.data.datasets import (BucketBatchSampler, CachedFeatureDataset, Collator, RecordDataset, ResumableSampler,
                                   epoch_generator, token_lengths)
 from gitcli.data.sources import build_source
@@ -38,6 +38,7 @@ from gitcli.train.features import build_feature_cache, check_cache_features
 from gitcli.progress import ProgressBar
 from gitcli.train.metrics import MetricsLog
 from gitcli.train.report import Reporter, check_available
+from gitcli.train.run_config import check_resume_agrees, write_run_config
 from gitcli.train.schedule import lr_factor
 from gitcli.train.state import load_state, rng_state, save_state, set_rng_state
 
@@ -56,6 +57,7 @@ class TrainResult:
     best_score: float | None = None
     seconds: float = 0.0
     data_notes: dict = field(default_factory=dict)  # what the source left out, e.g. missing images
+    already_finished: bool = False  # resumed a run that had reached its last step: nothing trained
 
 
 def _build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resume_from: Path | None) -> Captioner:
@@ -114,6 +116,9 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     ds_override = check_combination(model_cfg, cfg)  # before anything loads
     stage = zero_stage(cfg, ds_override)
     check_available(cfg.report_to)
+    if data_cfg.source is None:
+        raise GitcapError("no --data given: name the training data, or pass --data synthetic for the built-in "
+                          "synthetic set")
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device.type)
     precision = resolve_precision(cfg.precision, device)
@@ -130,6 +135,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     elif (out / LATEST_FILE).is_file():
         raise GitcapError(f"{out} already holds a run; pass --resume to continue it or choose another --output-dir")
     state = load_state(resume_from) if resume_from is not None else None
+    if state is not None:
+        check_resume_agrees(out, data_cfg, cfg)  # the saved run config is the truth
     sampler_kind = "bucket-by-length" if cfg.bucket_by_length else "shuffle"
     if state is not None and state.get("sampler", "shuffle") != sampler_kind:
         # another order would replay or skip data; said before anything loads or is cached
@@ -179,6 +186,9 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     # gradients would otherwise leak into the next epoch's first step).
     micro_per_epoch = steps_per_epoch * cfg.grad_accum
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    if state is not None and int(state["step"]) >= total_steps:
+        return TrainResult(out, int(state["step"]), resume_from, best_score=state.get("best"), data_notes=notes,
+                           already_finished=True)
 
     train_module: torch.nn.Module = model
     engine = None
@@ -218,6 +228,9 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
         else:
             ds.load_engine_state(engine, resume_from)
         scheduler.load_state_dict(state["scheduler"])
+        # the schedule of this run's length (--max-steps may have changed on resume) from this step on
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * lr_factor(scheduler.last_epoch, cfg.warmup_steps, total_steps, cfg.schedule)
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         step, epoch, micro_done = int(state["step"]), int(state["epoch"]), int(state["micro_done"])
         best = state.get("best")
@@ -228,8 +241,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         remove_temporaries(out)  # what a killed checkpoint write left: a whole model's worth each
-        write_json(out / "train_config.json", {"model": to_dict(model_cfg), "data": to_dict(data_cfg),
-                                               "train": to_dict(cfg), "world_size": world})
+        write_run_config(out, model_cfg, data_cfg, cfg, world)
     result = TrainResult(out, step, None, best_score=best, data_notes=notes)
     barrier()  # no rank writes before rank 0 has cleared the folder
     metrics = MetricsLog(out, step if state is not None else None) if is_main_process() else None
