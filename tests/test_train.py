@@ -331,3 +331,32 @@ def test_longer_max_steps_on_resume_follows_the_longer_schedule(tmp_path, monkey
 
     assert used == lrs("long")[2:5]
     assert lrs("short")[3:] == lrs("long")[3:]
+
+
+# ---- one writer per run directory --------------------------------------------------------
+@pytest.mark.slow  # a real first process: ~12 s on 2 busy cores
+def test_second_train_into_a_running_run_directory_is_refused(tmp_path):
+    import time
+
+    run = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "gitcli", "train", "--preset", "tiny", "--data", "synthetic", "--synthetic-size", "12",
+         "--task", "captions", "--num-workers", "0", "--batch-size", "4", "--max-steps", "100000", "--device", "cpu",
+         "-o", str(run)],
+        env={**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = run / ".gitcap.lock"
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and lock.read_text().strip() == str(first.pid)):
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.2)
+        second = _cli("--preset", "tiny", "--data", "synthetic", "--device", "cpu", "-o", run, "--resume")
+        assert second.exit_code == 2
+        assert _error_lines(second) == [
+            f"error: run directory {run} is in use by another gitcap process (pid {first.pid}); "
+            "wait for that run to finish or choose another --output-dir"]
+    finally:
+        first.kill()
+        first.wait()

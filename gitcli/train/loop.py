@@ -29,6 +29,7 @@ from gitcli.dist import (all_reduce_mean, autocast, barrier, init_distributed, i
                          resolve_precision)
 from gitcli.errors import GitcapError
 from gitcli.formats.atomic import TMP_MARK, copy_dir_atomic, remove_temporaries
+from gitcli.formats.lock import OutputLock, lock_for_dir
 from gitcli.model.captioner import Captioner, apply_lora, build_captioner, freeze_for_training
 from gitcli.model.checkpoint import (LATEST_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint, saved_parameters,
                                      write_latest)
@@ -125,6 +126,19 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     if stage is not None:
         ds.import_deepspeed()
         ds.ensure_process_group(device)
+    # One writer per run directory: rank 0 holds its lock for the whole run (the ranks of
+    # one job share the folder by design); a second `gitcap train` into it is refused.
+    out = Path(cfg.output_dir)
+    lock = (OutputLock(lock_for_dir(out), what=f"run directory {out}",
+                       hint="wait for that run to finish or choose another --output-dir")
+            if rank == 0 else contextlib.nullcontext())
+    with lock:
+        return _train_holding_lock(model_cfg, data_cfg, cfg, validator, progress, stop_after,
+                                   ds_override, stage, device, rank, world, precision)
+
+
+def _train_holding_lock(model_cfg, data_cfg, cfg, validator, progress, stop_after, ds_override, stage, device,
+                        rank, world, precision) -> TrainResult:
     out = Path(cfg.output_dir)
     resume_from = None
     if cfg.resume:
@@ -240,7 +254,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
 
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(out)  # what a killed checkpoint write left: a whole model's worth each
+        remove_temporaries(out)  # what a killed checkpoint write left (a whole model's worth each); we hold the lock
         write_run_config(out, model_cfg, data_cfg, cfg, world)
     result = TrainResult(out, step, None, best_score=best, data_notes=notes)
     barrier()  # no rank writes before rank 0 has cleared the folder
