@@ -284,8 +284,11 @@ def test_cli_resume_takes_the_saved_options_and_refuses_other_ones(tmp_path):
                  "--num-workers", 0, "--max-steps", 2, "--batch-size", 4, "--lr", "2e-3", "--save-every", 2,
                  "--device", "cpu", "-o", run)
     assert first.exit_code == 0, first.output
+    # the summary table is the result: stdout; nothing else is
+    assert "training summary" in first.stdout and "training summary" not in first.stderr
+    assert "final loss" in first.stdout and first.stdout.count("\n") < 20
     again = _cli("-o", run, "--resume")
-    assert again.exit_code == 0 and f"{run} already finished at step 2" in again.output
+    assert again.exit_code == 0 and f"{run} already finished at step 2" in again.stdout
     assert "final loss" not in again.output
     for option, value, saved in (("--lr", "0.5", "0.002"), ("--data", "data/cc3m", "synthetic"),
                                  ("--batch-size", 8, 4), ("--synthetic-size", 2000, 12)):
@@ -298,6 +301,7 @@ def test_cli_resume_takes_the_saved_options_and_refuses_other_ones(tmp_path):
     # --data left out: the run's own data (12 synthetic scenes, not the option's 2000), two more steps
     longer = _cli("-o", run, "--resume", "--max-steps", 4, "--lr", "2e-3", "--save-every", 4)
     assert longer.exit_code == 0, longer.output
+    assert f"resuming {run} at step 2" in longer.stderr and "resuming" not in longer.stdout
     saved = json.loads((run / "train_config.json").read_text())
     assert saved["data"]["synthetic_size"] == 12 and saved["data"]["task"] == "captions"
     assert (saved["train"]["max_steps"], saved["train"]["save_every"], saved["train"]["lr"]) == (4, 4, 2e-3)

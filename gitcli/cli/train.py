@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import BatchSizeOpt, DeviceOpt, DtypeOpt, PrecisionOpt, PresetOpt, SeedOpt, console, user_errors
+from gitcli.cli.common import BatchSizeOpt, DeviceOpt, DtypeOpt, PrecisionOpt, PresetOpt, SeedOpt, out_console, user_errors
 from gitcli.cli.model_options import (GridOpt, Int8Opt, LmOpt, LoraOpt, MappingOpt, PrefixLengthOpt, TrainLmOpt,
                                       TrainVisionOpt, VisionOpt,
                                       VisionPretrainedOpt, model_config_from_options)
@@ -138,7 +138,7 @@ def train(
         validator = make_validator(val_cfg, train_cfg.val_samples, data_cfg)
     result = run_training(model_cfg, data_cfg, train_cfg, validator=validator)
     if result.already_finished:
-        console.print(f"{output_dir} already finished at step {result.steps} "
+        out_console.print(f"{output_dir} already finished at step {result.steps} "
                       "(pass a larger --max-steps with --resume to train on)")
         return
     from rich.table import Table
@@ -153,7 +153,7 @@ def train(
     table.add_row("non-finite steps", str(result.nonfinite_steps))
     table.add_row("best score", f"{result.best_score:.4f}" if result.best_score is not None else "-")
     table.add_row("checkpoint", str(result.last_checkpoint or "-"))
-    console.print(table)
+    out_console.print(table)  # the result: stdout (progress and messages went to stderr)
 
 
 def _resumed_configs(ctx: typer.Context, output_dir: Path, model_cfg, data_cfg, train_cfg):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +146,7 @@ def _train_holding_lock(model_cfg, data_cfg, cfg, validator, progress, stop_afte
         if (out / LATEST_FILE).is_file():
             resume_from = resolve_checkpoint(out)
         elif is_main_process():
-            print(f"nothing to resume in {out}: starting a new run")
+            print(f"nothing to resume in {out}: starting a new run", file=sys.stderr)
     elif (out / LATEST_FILE).is_file():
         raise GitcapError(f"{out} already holds a run; pass --resume to continue it or choose another --output-dir")
     state = load_state(resume_from) if resume_from is not None else None
@@ -250,7 +251,7 @@ def _train_holding_lock(model_cfg, data_cfg, cfg, validator, progress, stop_afte
         best = state.get("best")
         window = [float(x) for x in state.get("loss_window", [])]
         if is_main_process():
-            print(f"resuming {out} at step {step} (epoch {epoch})")
+            print(f"resuming {out} at step {step} (epoch {epoch})", file=sys.stderr)
 
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
