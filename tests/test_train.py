@@ -364,3 +364,18 @@ def test_second_train_into_a_running_run_directory_is_refused(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_validation_scenes_come_from_val_synthetic_seed(monkeypatch):
+    """One source of truth: TrainConfig.val_synthetic_seed picks the held-out scenes."""
+    import gitcli.data.sources as sources
+    from gitcli.train.validate import make_validator
+
+    seeds = []
+    real = sources.synthetic_records
+    monkeypatch.setattr(sources, "synthetic_records", lambda n, seed, task: seeds.append(seed) or real(n, seed, task))
+    make_validator(DataConfig(source="synthetic"), 8, DataConfig(), synthetic_seed=7)
+    make_validator(DataConfig(source="synthetic"), 8, DataConfig())
+    assert seeds == [7, TrainConfig().val_synthetic_seed]
+    with pytest.raises(GitcapError, match="would score the training scenes"):
+        make_validator(DataConfig(source="synthetic"), 8, DataConfig(synthetic_seed=3), synthetic_seed=3)

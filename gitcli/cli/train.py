@@ -135,7 +135,7 @@ def train(
     if train_cfg.val_data:
         val_cfg = DataConfig(source=train_cfg.val_data, image_root=opt(val_image_root), captions=opt(val_captions),
                              questions=opt(val_questions), annotations=opt(val_annotations), task=data_cfg.task)
-        validator = make_validator(val_cfg, train_cfg.val_samples, data_cfg)
+        validator = make_validator(val_cfg, train_cfg.val_samples, data_cfg, synthetic_seed=train_cfg.val_synthetic_seed)
     result = run_training(model_cfg, data_cfg, train_cfg, validator=validator)
     if result.already_finished:
         out_console.print(f"{output_dir} already finished at step {result.steps} "

@@ -1,16 +1,22 @@
 """The training loop: one process, one per GPU under torchrun (DDP), or DeepSpeed ZeRO.
 
-Shape of a run: build or load the captioner, build the data, then for each optimizer step
-run `grad_accum` micro-batches, skip the step if the loss was not finite, clip, step,
-log, and every `save_every` steps write `checkpoint-STEP/` (weights + resume state)
-atomically, point `latest` at it, validate, and keep the best. With `--zero` the
-model and optimizer live in a DeepSpeed engine (`gitcli.train.zero`); only the backward,
-step, save and resume lines differ.
+`train()` reads top to bottom as a run goes: set-up (options checked, process group
+joined, the run directory locked, the resume point found, model and data built), then
+the epoch/step iteration. The parts it calls each hold their own state:
+- `_TrainData`: the examples, their order and the micro-batches left in an epoch;
+- `_Position`: step, epoch, micro-batches done and the loss window -- what a checkpoint
+  records so that a resumed run continues exactly;
+- `_Optimisation`: one step -- `grad_accum` micro-batches forward and backward, the step
+  skipped when a loss was not finite, clipping, the optimizer and schedule step. With
+  `--zero` the model and optimizer live in a DeepSpeed engine (`gitcli.train.zero`);
+  only the backward, step, save and resume lines differ;
+- `_RunOutput`: the run directory -- metrics.jsonl, a tracker, `checkpoint-STEP/`
+  (weights + resume state, atomically, then `latest`), validation and `best/`.
 """
-
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import shutil
 import sys
@@ -112,10 +118,84 @@ def _prune(run_dir: Path, keep: int) -> None:
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, validator: Validator | None = None,
           progress: bool = True, stop_after: int | None = None) -> TrainResult:
     """Run training; returns a summary. `stop_after` ends the process's run early (tests)."""
+    launch = _launch(model_cfg, data_cfg, cfg)  # every option checked before anything loads
+    out = Path(cfg.output_dir)
+    with _run_lock(out, launch.rank):
+        resume_from, state = _resume_point(out, data_cfg, cfg)
+        torch.manual_seed(cfg.seed)
+        model = _build_model(model_cfg, cfg, launch.device, resume_from)
+        _prepare_model(model, cfg)
+        data = _TrainData.build(model, data_cfg, cfg, launch, progress)
+        tower_offloaded = _offload_cached_tower(model, cfg, launch)
+        total_steps = cfg.max_steps or data.steps_per_epoch * cfg.epochs
+        if state is not None and int(state["step"]) >= total_steps:
+            return TrainResult(out, int(state["step"]), resume_from, best_score=state.get("best"),
+                               data_notes=data.notes, already_finished=True)
+        opt = _Optimisation.build(model, cfg, launch, total_steps, data.image_key, tower_offloaded)
+        position = _resume(opt, state, resume_from, launch.rank) if state is not None else _Position()
+        output = _RunOutput(out, model.config, data_cfg, cfg, launch, data.sampler_kind,
+                            resume_step=position.step if state is not None else None)
+        result = TrainResult(out, position.step, None, best_score=position.best, data_notes=data.notes)
+
+        def stopped() -> bool:
+            return position.step >= total_steps or (stop_after is not None and len(result.losses) >= stop_after)
+
+        bar = _Bar(total_steps, enabled=progress and is_main_process())
+        start, samples_seen = time.perf_counter(), 0
+        with output, bar:
+            bar.update(position.step, None, opt.lr, 0.0)
+            while not stopped():
+                for batch in data.rest_of_epoch(position.epoch, position.micro_done):
+                    position.micro_done += 1
+                    result.skipped_images += batch["skipped"]
+                    samples_seen += opt.forward_backward(batch, position.micro_done)
+                    if position.micro_done % cfg.grad_accum != 0:
+                        continue
+                    step_loss = opt.step()  # None: a rank's loss was not finite, the step was skipped
+                    if step_loss is None:
+                        result.nonfinite_steps += 1
+                        continue
+                    position.step += 1
+                    result.losses.append(step_loss)
+                    position.window.append(step_loss)
+                    rate = samples_seen * launch.world / max(time.perf_counter() - start, 1e-9)
+                    bar.update(position.step, step_loss, opt.lr, rate)
+                    if position.step % cfg.log_every == 0 or position.step == total_steps:
+                        output.log_step(position, opt.lr, rate, result.skipped_images)
+                    epoch_ended = position.micro_done >= data.micro_per_epoch
+                    if epoch_ended:  # the one place the epoch moves on: a checkpoint saved now resumes there
+                        position.next_epoch()
+                    if position.step % cfg.save_every == 0 or position.step == total_steps:
+                        _save_and_validate(output, model, opt, position, result, validator, tower_offloaded)
+                    if stopped() or epoch_ended:
+                        break
+                if position.micro_done:  # the loader ran dry before the epoch's last step
+                    position.next_epoch()
+    result.steps = position.step
+    result.seconds = time.perf_counter() - start
+    result.samples_per_second = samples_seen * launch.world / max(result.seconds, 1e-9)
+    return result
+
+
+# ---- set-up ---------------------------------------------------------------------------------
+@dataclass
+class _Launch:
+    """Where and how this process trains."""
+
+    device: torch.device
+    rank: int
+    world: int
+    precision: str
+    stage: int | None  # DeepSpeed ZeRO stage, None for plain PyTorch
+    ds_override: dict | None  # the --deepspeed-config file's keys
+
+
+def _launch(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig) -> _Launch:
+    """Check every option (cheap, before anything loads), then join the process group."""
     cfg.validate()
     model_cfg.validate_for_training()
     check_cache_features(model_cfg, cfg)
-    ds_override = check_combination(model_cfg, cfg)  # before anything loads
+    ds_override = check_combination(model_cfg, cfg)
     stage = zero_stage(cfg, ds_override)
     check_available(cfg.report_to)
     if data_cfg.source is None:
@@ -127,20 +207,24 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     if stage is not None:
         ds.import_deepspeed()
         ds.ensure_process_group(device)
-    # One writer per run directory: rank 0 holds its lock for the whole run (the ranks of
-    # one job share the folder by design); a second `gitcap train` into it is refused.
-    out = Path(cfg.output_dir)
-    lock = (OutputLock(lock_for_dir(out), what=f"run directory {out}",
-                       hint="wait for that run to finish or choose another --output-dir")
-            if rank == 0 else contextlib.nullcontext())
-    with lock:
-        return _train_holding_lock(model_cfg, data_cfg, cfg, validator, progress, stop_after,
-                                   ds_override, stage, device, rank, world, precision)
+    return _Launch(device, rank, world, precision, stage, ds_override)
 
 
-def _train_holding_lock(model_cfg, data_cfg, cfg, validator, progress, stop_after, ds_override, stage, device,
-                        rank, world, precision) -> TrainResult:
-    out = Path(cfg.output_dir)
+def _run_lock(out: Path, rank: int):
+    """One writer per run directory: rank 0 holds its lock for the whole run (the ranks of
+    one job share the folder by design); a second `gitcap train` into it is refused."""
+    if rank != 0:
+        return contextlib.nullcontext()
+    return OutputLock(lock_for_dir(out), what=f"run directory {out}",
+                      hint="wait for that run to finish or choose another --output-dir")
+
+
+def _sampler_kind(cfg: TrainConfig) -> str:
+    return "bucket-by-length" if cfg.bucket_by_length else "shuffle"
+
+
+def _resume_point(out: Path, data_cfg: DataConfig, cfg: TrainConfig) -> tuple[Path | None, dict | None]:
+    """(checkpoint to resume, its resume state), or (None, None) for a new run."""
     resume_from = None
     if cfg.resume:
         if (out / LATEST_FILE).is_file():
@@ -149,273 +233,355 @@ def _train_holding_lock(model_cfg, data_cfg, cfg, validator, progress, stop_afte
             print(f"nothing to resume in {out}: starting a new run", file=sys.stderr)
     elif (out / LATEST_FILE).is_file():
         raise GitcapError(f"{out} already holds a run; pass --resume to continue it or choose another --output-dir")
-    state = load_state(resume_from) if resume_from is not None else None
-    if state is not None:
-        check_resume_agrees(out, data_cfg, cfg)  # the saved run config is the truth
-    sampler_kind = "bucket-by-length" if cfg.bucket_by_length else "shuffle"
-    if state is not None and state.get("sampler", "shuffle") != sampler_kind:
+    if resume_from is None:
+        return None, None
+    state = load_state(resume_from)
+    check_resume_agrees(out, data_cfg, cfg)  # the saved run config is the truth
+    if state.get("sampler", "shuffle") != _sampler_kind(cfg):
         # another order would replay or skip data; said before anything loads or is cached
         with_or_not = "with" if state.get("sampler") == "bucket-by-length" else "without"
         raise GitcapError(f"{out} was trained {with_or_not} --bucket-by-length; resume it the same way")
+    return resume_from, state
 
-    torch.manual_seed(cfg.seed)
-    model = _build_model(model_cfg, cfg, device, resume_from)
-    model_cfg = model.config
-    check_cache_features(model_cfg, cfg)  # again: a resumed run trains what its checkpoint says
+
+def _prepare_model(model: Captioner, cfg: TrainConfig) -> None:
+    check_cache_features(model.config, cfg)  # again: a resumed run trains what its checkpoint says
     if cfg.grad_checkpointing:
-        if model_cfg.lm_trained:
+        if model.config.lm_trained:
             model.lm.gradient_checkpointing_enable()
-        if model_cfg.train_vision and hasattr(model.vision.visual, "set_grad_checkpointing"):
+        if model.config.train_vision and hasattr(model.vision.visual, "set_grad_checkpointing"):
             model.vision.visual.set_grad_checkpointing(True)
 
-    records, loader_fn, notes = build_source(data_cfg)
-    if not records:
-        raise GitcapError(f"no training examples in {data_cfg.source}")
-    image_key = "pixel_values"
-    if cfg.cache_features:
-        features, image_index = build_feature_cache(
-            model, records, loader_fn, data_cfg, cfg.cache_features, batch_size=cfg.batch_size, device=device,
-            precision=precision, rank=rank, world=world, progress=progress)
-        dataset = CachedFeatureDataset(records, image_index, features, model.tokenizer, model_cfg,
-                                       data_cfg.max_target_tokens)
-        image_key = "features"
-    else:
-        dataset = RecordDataset(records, loader_fn, model.image_transform(), model.tokenizer, model_cfg,
-                                data_cfg.max_target_tokens)
-    sampler: ResumableSampler | BucketBatchSampler
-    if cfg.bucket_by_length:
-        lengths = token_lengths(records, model.tokenizer, model_cfg, data_cfg.max_target_tokens)
-        sampler = BucketBatchSampler(lengths, cfg.batch_size, cfg.seed, rank, world)
-    else:
-        sampler = ResumableSampler(len(dataset), cfg.seed, rank, world)
-    # Training from cached features, the tower only runs for validation: keep it in host RAM
-    # (DeepSpeed places the whole module itself, so there it stays).
-    tower_offloaded = bool(cfg.cache_features) and device.type == "cuda" and stage is None
-    if tower_offloaded:
+
+def _offload_cached_tower(model: Captioner, cfg: TrainConfig, launch: _Launch) -> bool:
+    """Training from cached features, the tower only runs for validation: keep it in host RAM
+    (DeepSpeed places the whole module itself, so there it stays). -> whether it moved."""
+    offloaded = bool(cfg.cache_features) and launch.device.type == "cuda" and launch.stage is None
+    if offloaded:
         model.vision.to("cpu")
-    steps_per_epoch = ((len(dataset) // world) // cfg.batch_size) // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise GitcapError(f"{len(dataset)} examples are fewer than one step's worth "
-                          f"({cfg.batch_size} x {cfg.grad_accum} x {world} processes)")
-    # An epoch is whole steps: micro-batches that would not fill one are left out (their
-    # gradients would otherwise leak into the next epoch's first step).
-    micro_per_epoch = steps_per_epoch * cfg.grad_accum
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-    if state is not None and int(state["step"]) >= total_steps:
-        return TrainResult(out, int(state["step"]), resume_from, best_score=state.get("best"), data_notes=notes,
-                           already_finished=True)
+    return offloaded
 
-    train_module: torch.nn.Module = model
-    engine = None
-    model.train()
-    if cfg.compile:
-        # In place (nn.Module.compile): parameter names, and so checkpoints, stay as they are.
-        model.lm.compile()
-    if stage is None:
-        optimizer = _optimizer(model, cfg, device)
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
 
-            # find_unused_parameters: a grid tower never runs its pooling head (ln_post, proj)
-            # DDP wants every parameter and buffer on one device; the frozen host-side tower needs no syncing
-            if tower_offloaded:
-                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    model, [f"vision.{n}" for n, _ in [*model.vision.named_parameters(), *model.vision.named_buffers()]])
-            train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                   find_unused_parameters=True)
-    else:
-        optimizer = _optimizer(model, cfg, device, deepspeed_offload=offloads(cfg, ds_override))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.schedule))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and stage is None)
-    if stage is not None:
-        # DeepSpeed does autocast (its torch_autocast section), loss scaling and clipping.
-        engine = ds.initialize(model, optimizer, build_config(cfg, precision=precision, world=world, stage=stage,
-                                                               override=ds_override))
-        train_module = engine
+@dataclass
+class _TrainData:
+    """The training examples, their order, and the micro-batches of an epoch."""
 
-    step, epoch, micro_done, best, nonfinite_run = 0, 0, 0, None, 0
-    window: list[float] = []  # losses since the last logged line: the next line's mean
-    if state is not None:
-        if engine is None:
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
+    dataset: RecordDataset
+    sampler: ResumableSampler | BucketBatchSampler
+    collate: Collator
+    image_key: str  # pixel_values, or features when read from the cache
+    steps_per_epoch: int
+    micro_per_epoch: int
+    notes: dict
+    sampler_kind: str
+    cfg: TrainConfig
+    num_workers: int
+    rank: int
+    pin: bool
+
+    @classmethod
+    def build(cls, model: Captioner, data_cfg: DataConfig, cfg: TrainConfig, launch: _Launch,
+              progress: bool) -> "_TrainData":
+        records, loader_fn, notes = build_source(data_cfg)
+        if not records:
+            raise GitcapError(f"no training examples in {data_cfg.source}")
+        image_key = "pixel_values"
+        if cfg.cache_features:
+            features, image_index = build_feature_cache(
+                model, records, loader_fn, data_cfg, cfg.cache_features, batch_size=cfg.batch_size,
+                device=launch.device, precision=launch.precision, rank=launch.rank, world=launch.world,
+                progress=progress)
+            dataset = CachedFeatureDataset(records, image_index, features, model.tokenizer, model.config,
+                                           data_cfg.max_target_tokens)
+            image_key = "features"
         else:
-            ds.load_engine_state(engine, resume_from)
-        scheduler.load_state_dict(state["scheduler"])
-        # the schedule of this run's length (--max-steps may have changed on resume) from this step on
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base_lr * lr_factor(scheduler.last_epoch, cfg.warmup_steps, total_steps, cfg.schedule)
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        step, epoch, micro_done = int(state["step"]), int(state["epoch"]), int(state["micro_done"])
-        best = state.get("best")
-        window = [float(x) for x in state.get("loss_window", [])]
-        if is_main_process():
-            print(f"resuming {out} at step {step} (epoch {epoch})", file=sys.stderr)
+            dataset = RecordDataset(records, loader_fn, model.image_transform(), model.tokenizer, model.config,
+                                    data_cfg.max_target_tokens)
+        sampler: ResumableSampler | BucketBatchSampler
+        if cfg.bucket_by_length:
+            lengths = token_lengths(records, model.tokenizer, model.config, data_cfg.max_target_tokens)
+            sampler = BucketBatchSampler(lengths, cfg.batch_size, cfg.seed, launch.rank, launch.world)
+        else:
+            sampler = ResumableSampler(len(dataset), cfg.seed, launch.rank, launch.world)
+        steps_per_epoch = ((len(dataset) // launch.world) // cfg.batch_size) // cfg.grad_accum
+        if steps_per_epoch == 0:
+            raise GitcapError(f"{len(dataset)} examples are fewer than one step's worth "
+                              f"({cfg.batch_size} x {cfg.grad_accum} x {launch.world} processes)")
+        # An epoch is whole steps: micro-batches that would not fill one are left out (their
+        # gradients would otherwise leak into the next epoch's first step).
+        micro_per_epoch = steps_per_epoch * cfg.grad_accum
+        # Pinned batches copy to the GPU asynchronously (non_blocking), so the copy of the
+        # next batch overlaps the kernels still running.
+        return cls(dataset, sampler, Collator(model.tokenizer.pad_token_id, image_key), image_key, steps_per_epoch,
+                   micro_per_epoch, notes, _sampler_kind(cfg), cfg, data_cfg.num_workers, launch.rank,
+                   pin=launch.device.type == "cuda")
 
+    def rest_of_epoch(self, epoch: int, micro_done: int):
+        """The micro-batches of `epoch` after the first `micro_done`, from a new DataLoader."""
+        self.sampler.set_position(epoch, micro_done * self.cfg.batch_size)
+        generator = epoch_generator(self.cfg.seed, epoch, self.rank)  # never the global RNG: dropout's
+        if isinstance(self.sampler, BucketBatchSampler):
+            loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers,
+                                collate_fn=self.collate, persistent_workers=False, pin_memory=self.pin,
+                                generator=generator)
+        else:
+            loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler,
+                                num_workers=self.num_workers, collate_fn=self.collate, drop_last=True,
+                                persistent_workers=False, pin_memory=self.pin, generator=generator)
+        return itertools.islice(loader, max(0, self.micro_per_epoch - micro_done))
+
+
+def _resume(opt: "_Optimisation", state: dict, checkpoint: Path, rank: int) -> "_Position":
+    """Optimizer, schedule, this rank's RNG streams and the position, as the checkpoint left them."""
+    opt.load(state, checkpoint)
+    set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+    position = _Position.from_state(state)
     if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(out)  # what a killed checkpoint write left (a whole model's worth each); we hold the lock
-        write_run_config(out, model_cfg, data_cfg, cfg, world)
-    result = TrainResult(out, step, None, best_score=best, data_notes=notes)
-    barrier()  # no rank writes before rank 0 has cleared the folder
-    metrics = MetricsLog(out, step if state is not None else None) if is_main_process() else None
-    reporter = (Reporter(cfg.report_to, out, {"model": to_dict(model_cfg), "train": to_dict(cfg)})
-                if cfg.report_to and is_main_process() else None)
+        print(f"resuming {checkpoint.parent} at step {position.step} (epoch {position.epoch})", file=sys.stderr)
+    return position
 
-    def save(tag_step: int) -> Path:
-        name = f"checkpoint-{tag_step}"
-        rngs = _gather_rng(world)
-        state = {"scheduler": scheduler.state_dict(), "rng": rngs, "step": tag_step, "epoch": epoch,
-                 "micro_done": micro_done, "best": result.best_score, "sampler": sampler_kind,
-                 "loss_window": list(window)}
-        staging = out / f".{name}{TMP_MARK}deepspeed"
-        if engine is None:
-            if is_main_process():
-                state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+
+@dataclass
+class _Position:
+    """Where the run is: what a checkpoint records so that a resumed run continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_done: int = 0  # micro-batches of this epoch already trained on
+    best: float | None = None
+    window: list[float] = field(default_factory=list)  # losses since the last logged line: its mean
+
+    @classmethod
+    def from_state(cls, state: dict) -> "_Position":
+        return cls(int(state["step"]), int(state["epoch"]), int(state["micro_done"]), state.get("best"),
+                   [float(x) for x in state.get("loss_window", [])])
+
+    def next_epoch(self) -> None:
+        self.epoch, self.micro_done = self.epoch + 1, 0
+
+
+# ---- one step -------------------------------------------------------------------------------
+@dataclass
+class _Optimisation:
+    """Model, optimizer, schedule and loss scaling, or the DeepSpeed engine that holds them;
+    `forward_backward` per micro-batch, `step` at each `grad_accum` boundary."""
+
+    model: Captioner
+    train_module: torch.nn.Module  # the model, its DDP wrapper or the DeepSpeed engine
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    engine: object | None
+    cfg: TrainConfig
+    launch: _Launch
+    total_steps: int
+    image_key: str
+    group_losses: list[float] = field(default_factory=list)  # this step's micro-batch losses
+    bad: bool = False  # a micro-batch of this step had a non-finite loss
+    nonfinite_run: int = 0  # skipped steps in a row
+
+    @classmethod
+    def build(cls, model: Captioner, cfg: TrainConfig, launch: _Launch, total_steps: int, image_key: str,
+              tower_offloaded: bool) -> "_Optimisation":
+        device, stage = launch.device, launch.stage
+        train_module: torch.nn.Module = model
+        engine = None
+        model.train()
+        if cfg.compile:
+            # In place (nn.Module.compile): parameter names, and so checkpoints, stay as they are.
+            model.lm.compile()
+        if stage is None:
+            optimizer = _optimizer(model, cfg, device)
+            if launch.world > 1:
+                train_module = _ddp(model, device, tower_offloaded)
+        else:
+            optimizer = _optimizer(model, cfg, device, deepspeed_offload=offloads(cfg, launch.ds_override))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.schedule))
+        scaler = torch.amp.GradScaler(device.type, enabled=launch.precision == "fp16" and stage is None)
+        if stage is not None:
+            # DeepSpeed does autocast (its torch_autocast section), loss scaling and clipping.
+            engine = ds.initialize(model, optimizer, build_config(cfg, precision=launch.precision, world=launch.world,
+                                                                   stage=stage, override=launch.ds_override))
+            train_module = engine
+        return cls(model, train_module, optimizer, scheduler, scaler, engine, cfg, launch, total_steps, image_key)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def load(self, state: dict, checkpoint: Path) -> None:
+        if self.engine is None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        else:
+            ds.load_engine_state(self.engine, checkpoint)
+        self.scheduler.load_state_dict(state["scheduler"])
+        # the schedule of this run's length (--max-steps may have changed on resume) from this step on
+        cfg = self.cfg
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base_lr * lr_factor(self.scheduler.last_epoch, cfg.warmup_steps, self.total_steps,
+                                              cfg.schedule)
+
+    def forward_backward(self, batch: dict, micro_done: int) -> int:
+        """One micro-batch's forward and backward (gradients accumulate). -> samples used."""
+        if batch["size"] == 0:
+            return 0
+        device, engine = self.launch.device, self.engine
+        with autocast(self.launch.precision, device) if engine is None else contextlib.nullcontext():
+            image = batch[self.image_key].to(device, non_blocking=True)  # pixels, or cached features
+            live = self.image_key == "pixel_values"
+            ids, mask, labels = (batch[k].to(device, non_blocking=True)
+                                 for k in ("input_ids", "attention_mask", "labels"))
+            loss, _ = self.train_module(image if live else None, ids, mask, labels, features=None if live else image)
+        self.bad |= not bool(torch.isfinite(loss))
+        if not self.bad and engine is not None:
+            # DeepSpeed divides by grad_accum and reduces at the boundary
+            engine.set_gradient_accumulation_boundary(micro_done % self.cfg.grad_accum == 0)
+            engine.backward(loss)
+            self.group_losses.append(float(loss.detach()))
+        elif not self.bad:
+            self.scaler.scale(loss / self.cfg.grad_accum).backward()
+            self.group_losses.append(float(loss.detach()))
+        return batch["size"]
+
+    def step(self) -> float | None:
+        """The optimizer step: the step's loss (mean over micro-batches and ranks), or None
+        when a rank's loss was not finite (the step is skipped; too many in a row stop)."""
+        device, engine, optimizer, cfg = self.launch.device, self.engine, self.optimizer, self.cfg
+        if all_reduce_mean(float(self.bad or not self.group_losses), device) > 0:
+            (engine or optimizer).zero_grad()
+            self.nonfinite_run += 1
+            if self.nonfinite_run >= cfg.max_nonfinite:
+                raise GitcapError(f"{self.nonfinite_run} steps in a row had a non-finite loss; "
+                                  "lower --lr, use bf16 instead of fp16, or check the data")
+            self.group_losses, self.bad = [], False
+            return None
+        self.nonfinite_run = 0
+        if engine is not None:
+            engine.step()  # clips (gradient_clipping), steps, zeroes the gradients
+        else:
+            if cfg.clip_grad:
+                self.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(_trainable(self.model), cfg.clip_grad)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        step_loss = all_reduce_mean(sum(self.group_losses) / len(self.group_losses), device)
+        self.group_losses, self.bad = [], False
+        return step_loss
+
+
+def _ddp(model: Captioner, device: torch.device, tower_offloaded: bool) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    # DDP wants every parameter and buffer on one device; the frozen host-side tower needs no syncing
+    if tower_offloaded:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [f"vision.{n}" for n, _ in [*model.vision.named_parameters(), *model.vision.named_buffers()]])
+    # find_unused_parameters: a grid tower never runs its pooling head (ln_post, proj)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+# ---- checkpoint and validation ----------------------------------------------------------------
+class _RunOutput:
+    """The run directory: metrics.jsonl, the tracker, checkpoints and best/ (rank 0 writes).
+
+    Opening it (under the run's lock) clears what a killed run left, records the run config
+    and cuts metrics.jsonl back to the resumed step.
+    """
+
+    def __init__(self, out: Path, model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, launch: _Launch,
+                 sampler_kind: str, resume_step: int | None) -> None:
+        self.out, self.cfg, self.launch, self.sampler_kind = out, cfg, launch, sampler_kind
+        self.main = is_main_process()
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+            remove_temporaries(out)  # what a killed checkpoint write left (a whole model's worth each)
+            write_run_config(out, model_cfg, data_cfg, cfg, launch.world)
+        barrier()  # no rank writes before rank 0 has cleared the folder
+        self.metrics = MetricsLog(out, resume_step) if self.main else None
+        self.reporter = (Reporter(cfg.report_to, out, {"model": to_dict(model_cfg), "train": to_dict(cfg)})
+                         if cfg.report_to and self.main else None)
+
+    def __enter__(self) -> "_RunOutput":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.reporter is not None:
+            self.reporter.close()
+
+    def log_step(self, position: _Position, lr: float, rate: float, skipped_images: int) -> None:
+        """One metrics line: the mean loss since the last one (the window starts again)."""
+        if self.metrics is not None:
+            record = {"step": position.step, "epoch": position.epoch,
+                      "loss": sum(position.window) / len(position.window), "lr": lr, "samples_per_s": rate,
+                      "skipped_images": skipped_images}
+            self.metrics.write(record)
+            if self.reporter is not None:
+                self.reporter.log(record, position.step)
+            position.window.clear()
+
+    def save(self, model: Captioner, opt: _Optimisation, position: _Position, best: float | None) -> Path:
+        """`checkpoint-STEP/`: weights and resume state together, atomically; `latest` then names it."""
+        name = f"checkpoint-{position.step}"
+        state = {"scheduler": opt.scheduler.state_dict(), "rng": _gather_rng(self.launch.world),
+                 "step": position.step, "epoch": position.epoch, "micro_done": position.micro_done, "best": best,
+                 "sampler": self.sampler_kind, "loss_window": list(position.window)}
+        staging = self.out / f".{name}{TMP_MARK}deepspeed"
+        if opt.engine is None:
+            if self.main:
+                state.update(optimizer=opt.optimizer.state_dict(), scaler=opt.scaler.state_dict())
         else:  # every rank writes its optimizer partition, then rank 0 moves them in
-            if is_main_process():
+            if self.main:
                 shutil.rmtree(staging, ignore_errors=True)
             barrier()
-            ds.save_engine_state(engine, staging)
+            ds.save_engine_state(opt.engine, staging)
             barrier()
 
         def also_write(tmp: Path) -> None:
             save_state(tmp, state)
-            if engine is not None:
+            if opt.engine is not None:
                 ds.move_engine_state(staging, tmp)
 
-        with ds.gathered(model, stage or 0, saved_parameters(model)):
-            if is_main_process():
-                metrics.sync()  # every line up to this step is on disk before `latest` names it
-                save_checkpoint(model, out / name, extra={"step": tag_step}, also_write=also_write)
-                write_latest(out, name)
-                _prune(out, cfg.keep_last)
+        with ds.gathered(model, self.launch.stage or 0, saved_parameters(model)):
+            if self.main:
+                self.metrics.sync()  # every line up to this step is on disk before `latest` names it
+                save_checkpoint(model, self.out / name, extra={"step": position.step}, also_write=also_write)
+                write_latest(self.out, name)
+                _prune(self.out, self.cfg.keep_last)
         barrier()
-        return out / name
+        return self.out / name
 
-    def validate_and_keep_best(ckpt: Path) -> None:
-        if validator is None:
-            return
-        model.eval()
-        with _tower_on(model, device) if tower_offloaded else contextlib.nullcontext():
-            report = validator(model, step)
-        model.train()
-        if is_main_process():
-            metrics.write({"step": step, "validation": report})
-            if reporter is not None:
-                reporter.log({f"val/{k}": v for k, v in report.items()}, step)
-            score = report.get("score")
-            if score is not None and (result.best_score is None or score > result.best_score):
-                result.best_score = score
-                copy_dir_atomic(ckpt, out / "best")
+    def record_validation(self, report: dict, step: int, checkpoint: Path, best: float | None) -> float | None:
+        """Log a validation; copy `checkpoint` to best/ when its score beats `best`. -> the best score."""
+        if not self.main:
+            return best
+        self.metrics.write({"step": step, "validation": report})
+        if self.reporter is not None:
+            self.reporter.log({f"val/{k}": v for k, v in report.items()}, step)
+        score = report.get("score")
+        if score is not None and (best is None or score > best):
+            copy_dir_atomic(checkpoint, self.out / "best")
+            return score
+        return best
 
-    bar = _Bar(total_steps, enabled=progress and is_main_process())
-    start, samples_seen = time.perf_counter(), 0
-    try:
-        with bar:
-            bar.update(step, None, scheduler.get_last_lr()[0], 0.0)
-            while step < total_steps and (stop_after is None or len(result.losses) < stop_after):
-                sampler.set_position(epoch, micro_done * cfg.batch_size)
-                collate = Collator(model.tokenizer.pad_token_id, image_key)
-                # Pinned batches copy to the GPU asynchronously (non_blocking below), so the
-                # copy of the next batch overlaps the kernels still running.
-                pin = device.type == "cuda"
-                generator = epoch_generator(cfg.seed, epoch, rank)  # never the global RNG: dropout's
-                if isinstance(sampler, BucketBatchSampler):
-                    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=data_cfg.num_workers,
-                                        collate_fn=collate, persistent_workers=False, pin_memory=pin,
-                                        generator=generator)
-                else:
-                    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                                        num_workers=data_cfg.num_workers, collate_fn=collate,
-                                        drop_last=True, persistent_workers=False, pin_memory=pin,
-                                        generator=generator)
-                group_losses, bad, done = [], False, False
-                for batch in loader:
-                    if micro_done >= micro_per_epoch:  # only the left-over micro-batches of a short last step
-                        break
-                    micro_done += 1
-                    result.skipped_images += batch["skipped"]
-                    if batch["size"] > 0:
-                        with autocast(precision, device) if engine is None else contextlib.nullcontext():
-                            image = batch[image_key].to(device, non_blocking=True)  # pixels, or cached features
-                            live = image_key == "pixel_values"
-                            ids, mask, labels = (batch[k].to(device, non_blocking=True)
-                                                 for k in ("input_ids", "attention_mask", "labels"))
-                            loss, _ = train_module(image if live else None, ids, mask, labels,
-                                                   features=None if live else image)
-                        bad |= not bool(torch.isfinite(loss))
-                        if not bad and engine is not None:
-                            # DeepSpeed divides by grad_accum and reduces at the boundary
-                            engine.set_gradient_accumulation_boundary(micro_done % cfg.grad_accum == 0)
-                            engine.backward(loss)
-                            group_losses.append(float(loss.detach()))
-                        elif not bad:
-                            scaler.scale(loss / cfg.grad_accum).backward()
-                            group_losses.append(float(loss.detach()))
-                        samples_seen += batch["size"]
-                    if micro_done % cfg.grad_accum != 0:
-                        continue
-                    # ---- one optimizer step ----
-                    if all_reduce_mean(float(bad or not group_losses), device) > 0:
-                        (engine or optimizer).zero_grad()
-                        result.nonfinite_steps += 1
-                        nonfinite_run += 1
-                        if nonfinite_run >= cfg.max_nonfinite:
-                            raise GitcapError(f"{nonfinite_run} steps in a row had a non-finite loss; "
-                                              "lower --lr, use bf16 instead of fp16, or check the data")
-                        group_losses, bad = [], False
-                        continue
-                    nonfinite_run = 0
-                    if engine is not None:
-                        engine.step()  # clips (gradient_clipping), steps, zeroes the gradients
-                    else:
-                        if cfg.clip_grad:
-                            scaler.unscale_(optimizer)
-                            torch.nn.utils.clip_grad_norm_(_trainable(model), cfg.clip_grad)
-                        scaler.step(optimizer)
-                        scaler.update()
-                        optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    step += 1
-                    step_loss = all_reduce_mean(sum(group_losses) / len(group_losses), device)
-                    result.losses.append(step_loss)
-                    window.append(step_loss)
-                    group_losses, bad = [], False
-                    elapsed = time.perf_counter() - start
-                    rate = samples_seen * world / max(elapsed, 1e-9)
-                    bar.update(step, step_loss, scheduler.get_last_lr()[0], rate)
-                    if metrics is not None and (step % cfg.log_every == 0 or step == total_steps):
-                        record = {"step": step, "epoch": epoch, "loss": sum(window) / len(window),
-                                  "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
-                                  "skipped_images": result.skipped_images}
-                        metrics.write(record)
-                        if reporter is not None:
-                            reporter.log(record, step)
-                        window = []
-                    done = step >= total_steps or (stop_after is not None and len(result.losses) >= stop_after)
-                    epoch_ended = micro_done >= micro_per_epoch
-                    if epoch_ended:  # the one place the epoch moves on: a checkpoint saved now resumes there
-                        epoch, micro_done = epoch + 1, 0
-                    if step % cfg.save_every == 0 or step == total_steps:
-                        result.last_checkpoint = save(step)
-                        validate_and_keep_best(result.last_checkpoint)
-                    if done or epoch_ended:
-                        break
-                if micro_done:  # the loader ran dry before the epoch's last step (never, with whole steps)
-                    epoch, micro_done = epoch + 1, 0
-                if done:
-                    break
-    finally:
-        if metrics is not None:
-            metrics.close()
-        if reporter is not None:
-            reporter.close()
-    result.steps = step
-    result.seconds = time.perf_counter() - start
-    result.samples_per_second = samples_seen * world / max(result.seconds, 1e-9)
-    return result
+
+def _save_and_validate(output: _RunOutput, model: Captioner, opt: _Optimisation, position: _Position,
+                       result: TrainResult, validator: Validator | None, tower_offloaded: bool) -> None:
+    """Write the step's checkpoint, then score it; best/ follows the best score."""
+    result.last_checkpoint = output.save(model, opt, position, result.best_score)
+    if validator is None:
+        return
+    model.eval()
+    with _tower_on(model, opt.launch.device) if tower_offloaded else contextlib.nullcontext():
+        report = validator(model, position.step)
+    model.train()
+    result.best_score = output.record_validation(report, position.step, result.last_checkpoint, result.best_score)
 
 
 @contextlib.contextmanager
