@@ -379,3 +379,22 @@ def test_validation_scenes_come_from_val_synthetic_seed(monkeypatch):
     assert seeds == [7, TrainConfig().val_synthetic_seed]
     with pytest.raises(GitcapError, match="would score the training scenes"):
         make_validator(DataConfig(source="synthetic"), 8, DataConfig(synthetic_seed=3), synthetic_seed=3)
+
+
+def test_run_started_again_after_a_kill_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # a killed run's, cut mid-line
+    train(tiny_model_config(), DATA, _run(tmp_path, "r", max_steps=2, save_every=2), progress=False)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2] and lines[0]["loss"] != 9.0
+
+
+def test_resuming_a_finished_run_loads_nothing(tmp_path, monkeypatch):
+    train(tiny_model_config(), DATA, _run(tmp_path, "r", max_steps=2, save_every=2), progress=False)
+    import gitcli.train.loop as loop
+
+    monkeypatch.setattr(loop, "_build_model", lambda *a, **k: pytest.fail("a finished run loaded its model"))
+    result = train(tiny_model_config(), DATA, _run(tmp_path, "r", max_steps=2, save_every=2, resume=True),
+                   progress=False)
+    assert result.already_finished and result.steps == 2 and result.losses == []

@@ -122,19 +122,19 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     out = Path(cfg.output_dir)
     with _run_lock(out, launch.rank):
         resume_from, state = _resume_point(out, data_cfg, cfg)
+        if (finished := _finished_run(out, state, resume_from, cfg.max_steps)) is not None:
+            return finished  # said before a model loads, when --max-steps gives the length
         torch.manual_seed(cfg.seed)
         model = _build_model(model_cfg, cfg, launch.device, resume_from)
         _prepare_model(model, cfg)
         data = _TrainData.build(model, data_cfg, cfg, launch, progress)
         tower_offloaded = _offload_cached_tower(model, cfg, launch)
         total_steps = cfg.max_steps or data.steps_per_epoch * cfg.epochs
-        if state is not None and int(state["step"]) >= total_steps:
-            return TrainResult(out, int(state["step"]), resume_from, best_score=state.get("best"),
-                               data_notes=data.notes, already_finished=True)
+        if (finished := _finished_run(out, state, resume_from, total_steps)) is not None:
+            return finished
         opt = _Optimisation.build(model, cfg, launch, total_steps, data.image_key, tower_offloaded)
         position = _resume(opt, state, resume_from, launch.rank) if state is not None else _Position()
-        output = _RunOutput(out, model.config, data_cfg, cfg, launch, data.sampler_kind,
-                            resume_step=position.step if state is not None else None)
+        output = _RunOutput(out, model.config, data_cfg, cfg, launch, data.sampler_kind, position.step)
         result = TrainResult(out, position.step, None, best_score=position.best, data_notes=data.notes)
 
         def stopped() -> bool:
@@ -242,6 +242,14 @@ def _resume_point(out: Path, data_cfg: DataConfig, cfg: TrainConfig) -> tuple[Pa
         with_or_not = "with" if state.get("sampler") == "bucket-by-length" else "without"
         raise GitcapError(f"{out} was trained {with_or_not} --bucket-by-length; resume it the same way")
     return resume_from, state
+
+
+def _finished_run(out: Path, state: dict | None, checkpoint: Path | None, total_steps: int | None
+                  ) -> TrainResult | None:
+    """The result of resuming a run that already reached `total_steps`; None otherwise."""
+    if state is None or not total_steps or int(state["step"]) < total_steps:
+        return None
+    return TrainResult(out, int(state["step"]), checkpoint, best_score=state.get("best"), already_finished=True)
 
 
 def _prepare_model(model: Captioner, cfg: TrainConfig) -> None:
@@ -490,11 +498,12 @@ class _RunOutput:
     """The run directory: metrics.jsonl, the tracker, checkpoints and best/ (rank 0 writes).
 
     Opening it (under the run's lock) clears what a killed run left, records the run config
-    and cuts metrics.jsonl back to the resumed step.
+    and cuts metrics.jsonl back to the step the run starts from (0: a run killed before
+    its first checkpoint and started again logs its steps once too).
     """
 
     def __init__(self, out: Path, model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, launch: _Launch,
-                 sampler_kind: str, resume_step: int | None) -> None:
+                 sampler_kind: str, start_step: int) -> None:
         self.out, self.cfg, self.launch, self.sampler_kind = out, cfg, launch, sampler_kind
         self.main = is_main_process()
         if self.main:
@@ -502,7 +511,7 @@ class _RunOutput:
             remove_temporaries(out)  # what a killed checkpoint write left (a whole model's worth each)
             write_run_config(out, model_cfg, data_cfg, cfg, launch.world)
         barrier()  # no rank writes before rank 0 has cleared the folder
-        self.metrics = MetricsLog(out, resume_step) if self.main else None
+        self.metrics = MetricsLog(out, start_step) if self.main else None
         self.reporter = (Reporter(cfg.report_to, out, {"model": to_dict(model_cfg), "train": to_dict(cfg)})
                          if cfg.report_to and self.main else None)
 

@@ -1,7 +1,7 @@
 """`metrics.jsonl`: one JSON line per logged step and per validation, each step once.
 
-A resumed run continues from its checkpoint's step, so the lines a killed run wrote after
-that step are cut away first (atomically: the old file or the cut one, never half);
+A resumed run continues from its checkpoint's step (a new one from 0), so the lines a
+killed run wrote after that step are cut away first (atomically: the old file or the cut one, never half);
 the resumed run then writes them again. The file is fsynced whenever a checkpoint is
 about to be published, so every line up to a checkpoint's step is on disk before
 `latest` can name that checkpoint.
@@ -34,12 +34,13 @@ def lines_up_to(path: Path, step: int) -> list[str]:
 
 
 class MetricsLog:
-    """Appends records to `run_dir/metrics.jsonl`; `resume_step` cuts the file back first."""
+    """Appends records to `run_dir/metrics.jsonl`, cut back first to the lines of steps up to
+    `start_step`, the step the run starts from (0 for a new run)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
+    def __init__(self, run_dir: Path, start_step: int) -> None:
         self.path = Path(run_dir) / METRICS_FILE
-        if resume_step is not None and self.path.exists():
-            kept = lines_up_to(self.path, resume_step)
+        if self.path.exists():
+            kept = lines_up_to(self.path, start_step)
             write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", encoding="utf-8")
 
