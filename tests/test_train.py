@@ -338,7 +338,6 @@ def test_longer_max_steps_on_resume_follows_the_longer_schedule(tmp_path, monkey
 
 
 # ---- one writer per run directory --------------------------------------------------------
-@pytest.mark.slow  # a real first process: ~12 s on 2 busy cores
 def test_second_train_into_a_running_run_directory_is_refused(tmp_path):
     import time
 
