@@ -7,15 +7,34 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import BatchSizeOpt, DeviceOpt, DtypeOpt, PrecisionOpt, PresetOpt, SeedOpt, console, user_errors
+from gitcli.cli.common import BatchSizeOpt, DeviceOpt, DtypeOpt, PrecisionOpt, PresetOpt, SeedOpt, out_console, user_errors
 from gitcli.cli.model_options import (GridOpt, Int8Opt, LmOpt, LoraOpt, MappingOpt, PrefixLengthOpt, TrainLmOpt,
                                       TrainVisionOpt, VisionOpt,
                                       VisionPretrainedOpt, model_config_from_options)
 
 
+# Each option and the config field it sets: on --resume, an option given again is held to
+# the run's saved train_config.json (gitcli.train.run_config).
+OPTION_FIELDS = {
+    "data": ("data", "source"), "synthetic_size": ("data", "synthetic_size"), "task": ("data", "task"),
+    "questions_per_scene": ("data", "questions_per_scene"), "image_root": ("data", "image_root"),
+    "captions": ("data", "captions"), "questions": ("data", "questions"), "annotations": ("data", "annotations"),
+    "num_workers": ("data", "num_workers"),
+    **{name: ("model", name) for name in ("preset", "vision", "vision_pretrained", "lm", "mapping", "prefix_length",
+                                          "grid", "int8", "dtype", "train_vision", "train_lm")},
+    "lora": ("model", "lora_rank"),
+    **{name: ("train", name) for name in (
+        "epochs", "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "schedule", "weight_decay",
+        "clip_grad", "grad_checkpointing", "seed", "device", "precision", "save_every", "keep_last", "log_every",
+        "val_data", "val_samples", "init_from", "zero", "offload", "deepspeed_config", "report_to",
+        "cache_features", "bucket_by_length", "compile")},
+}
+
+
 @user_errors
 def train(
-    data: Annotated[str, typer.Option("--data", help="synthetic; a folder/pattern of fetch shards; a CC TSV (+ --image-root); a GIT image TSV (+ --captions); VQA images (+ --questions --annotations).")] = "synthetic",
+    ctx: typer.Context,
+    data: Annotated[Optional[str], typer.Option("--data", help="Required for a new run: synthetic (the built-in set); a folder/pattern of fetch shards; a CC TSV (+ --image-root); a GIT image TSV (+ --captions); VQA images (+ --questions --annotations). On --resume, the run's own.", show_default=False)] = None,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Run directory.")] = Path("runs/gitcap"),
     preset: PresetOpt = None,
     vision: VisionOpt = "ViT-B-32",
@@ -61,7 +80,7 @@ def train(
     cache_features: Annotated[Optional[Path], typer.Option("--cache-features", help="Frozen tower: compute its features of every training image once into this directory (resumable, reused by later runs) and train from them.")] = None,
     bucket_by_length: Annotated[bool, typer.Option("--bucket-by-length", help="Batch samples of similar text length together (less padding), in random order.")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the language model's forward (for GPUs; the first steps are slower while it compiles, once per new text length).")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its latest checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its latest checkpoint, with the options it was started with (train_config.json). Options given again must agree, except --max-steps / --epochs (the schedule is recomputed for the new total), --save-every, --log-every, --keep-last, --num-workers, --device, --report-to and --val-data / --val-samples.")] = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     zero: Annotated[Optional[int], typer.Option("--zero", min=0, max=3, help="DeepSpeed ZeRO stage 0-3 (default: no DeepSpeed; DDP under torchrun).")] = None,
@@ -79,6 +98,8 @@ def train(
     deepspeed --module gitcli train ... --zero 3. Check memory first: gitcap train ... --dry-run
 
     Faster with a frozen tower: gitcap train ... --cache-features data/cc3m/features --bucket-by-length
+
+    Continue a stopped run: gitcap train --output-dir runs/cc3m --resume [--max-steps N]
     """
     from gitcli.config import DataConfig, TrainConfig
     from gitcli.train.loop import train as run_training
@@ -103,17 +124,23 @@ def train(
         val_samples=val_samples, resume=resume, init_from=str(init_from) if init_from else None, zero=zero,
         offload=offload, deepspeed_config=str(deepspeed_config) if deepspeed_config else None, report_to=report_to,
         cache_features=opt(cache_features), bucket_by_length=bucket_by_length, compile=compile)
+    if resume:
+        model_cfg, data_cfg, train_cfg = _resumed_configs(ctx, output_dir, model_cfg, data_cfg, train_cfg)
     if dry_run:
         from gitcli.cli.dry_run import print_dry_run
 
         print_dry_run(model_cfg, data_cfg, train_cfg)
         return
     validator = None
-    if val_data:
-        val_cfg = DataConfig(source=val_data, image_root=opt(val_image_root), captions=opt(val_captions),
-                             questions=opt(val_questions), annotations=opt(val_annotations), task=task)
-        validator = make_validator(val_cfg, val_samples, data_cfg)
+    if train_cfg.val_data:
+        val_cfg = DataConfig(source=train_cfg.val_data, image_root=opt(val_image_root), captions=opt(val_captions),
+                             questions=opt(val_questions), annotations=opt(val_annotations), task=data_cfg.task)
+        validator = make_validator(val_cfg, train_cfg.val_samples, data_cfg, synthetic_seed=train_cfg.val_synthetic_seed)
     result = run_training(model_cfg, data_cfg, train_cfg, validator=validator)
+    if result.already_finished:
+        out_console.print(f"{output_dir} already finished at step {result.steps} "
+                      "(pass a larger --max-steps with --resume to train on)")
+        return
     from rich.table import Table
 
     table = Table(title="training summary", show_header=False)
@@ -126,4 +153,24 @@ def train(
     table.add_row("non-finite steps", str(result.nonfinite_steps))
     table.add_row("best score", f"{result.best_score:.4f}" if result.best_score is not None else "-")
     table.add_row("checkpoint", str(result.last_checkpoint or "-"))
-    console.print(table)
+    out_console.print(table)  # the result: stdout (progress and messages went to stderr)
+
+
+def _resumed_configs(ctx: typer.Context, output_dir: Path, model_cfg, data_cfg, train_cfg):
+    """The saved configs of the run being resumed, with the options given again applied
+    (refused in one line where they disagree); the given configs when there is no run."""
+    from gitcli.model.checkpoint import LATEST_FILE
+    from gitcli.train.run_config import configs_for_resume
+
+    if not (output_dir / LATEST_FILE).is_file():
+        return model_cfg, data_cfg, train_cfg  # nothing to resume: a new run (the loop says so)
+    sections = {"model": model_cfg, "data": data_cfg, "train": train_cfg}
+    # by name: typer may bring its own copy of click, whose ParameterSource is another class
+    given = {(section, field): getattr(sections[section], field) for name, (section, field) in OPTION_FIELDS.items()
+             if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
+    saved = configs_for_resume(output_dir, given)
+    if saved is None:
+        return model_cfg, data_cfg, train_cfg
+    model_cfg, data_cfg, saved_train = saved
+    saved_train.output_dir, saved_train.resume = train_cfg.output_dir, True
+    return model_cfg, data_cfg, saved_train

@@ -126,6 +126,18 @@ class Collator:
         return batch
 
 
+def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The DataLoader's own generator for one epoch of one rank.
+
+    A DataLoader draws its workers' base seed from its generator each time an iterator is
+    created; without one it draws from the global torch RNG, which also drives dropout, so
+    a resumed run (which creates its iterator at another moment) would get other dropout
+    masks. Seeded from (seed, epoch, rank) alone, it needs no saving: a resumed run builds
+    the same one.
+    """
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_009 + rank) % 2**63)
+
+
 class ResumableSampler(Sampler[int]):
     """Epoch-seeded shuffle, split across ranks, that can start mid-epoch.
 

@@ -1,45 +1,46 @@
 """The training loop: one process, one per GPU under torchrun (DDP), or DeepSpeed ZeRO.
 
-Shape of a run: build or load the captioner, build the data, then for each optimizer step
-run `grad_accum` micro-batches, skip the step if the loss was not finite, clip, step,
-log, and every `save_every` steps write `checkpoint-STEP/` (weights + resume state)
-atomically, point `latest` at it, validate, and keep the best. With `--zero` the
-model and optimizer live in a DeepSpeed engine (`gitcli.train.zero`); only the backward,
-step, save and resume lines differ.
+`train()` reads top to bottom as a run goes: set-up (options checked, process group
+joined, the run directory locked, the resume point found, model and data built), then
+the epoch/step iteration. The parts it calls each hold their own state:
+- `launch.check_and_launch`: every option checked before anything loads, the process group;
+- `epochs.TrainData`: the examples, their order and the micro-batches left in an epoch;
+- `state.Position`: step, epoch, micro-batches done and the loss window -- what a
+  checkpoint records so that a resumed run continues exactly;
+- `step.Optimisation`: one step -- `grad_accum` micro-batches forward and backward, the
+  step skipped when a loss was not finite, clipping, the optimizer and schedule step
+  (or DeepSpeed's engine doing them, with `--zero`);
+- `run_output.RunOutput`: the run directory -- metrics.jsonl, a tracker,
+  `checkpoint-STEP/` (weights + resume state, atomically, then `latest`), validation
+  and `best/`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader
 
-from gitcli.config import DataConfig, ModelConfig, TrainConfig, to_dict, write_json
-from gitcli.data.datasets import (BucketBatchSampler, CachedFeatureDataset, Collator, RecordDataset, ResumableSampler,
-                                  token_lengths)
-from gitcli.data.sources import build_source
-from gitcli.dist import (all_reduce_mean, autocast, barrier, init_distributed, is_main_process, resolve_device,
-                         resolve_precision)
+from gitcli.config import DataConfig, ModelConfig, TrainConfig
+from gitcli.dist import is_main_process
 from gitcli.errors import GitcapError
-from gitcli.formats.atomic import copy_dir_atomic
+from gitcli.formats.lock import OutputLock, lock_for_dir
 from gitcli.model.captioner import Captioner, apply_lora, build_captioner, freeze_for_training
-from gitcli.model.checkpoint import (LATEST_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint, saved_parameters,
-                                     write_latest)
-from gitcli.train import zero as ds
-from gitcli.train.deepspeed_config import build_config, check_combination, offloads, zero_stage
-from gitcli.train.features import build_feature_cache, check_cache_features
+from gitcli.model.checkpoint import LATEST_FILE, load_checkpoint, resolve_checkpoint
 from gitcli.progress import ProgressBar
-from gitcli.train.report import Reporter, check_available
-from gitcli.train.schedule import lr_factor
-from gitcli.train.state import load_state, rng_state, save_state, set_rng_state
+from gitcli.train.epochs import TrainData, sampler_kind
+from gitcli.train.features import check_cache_features
+from gitcli.train.launch import Launch, check_and_launch
+from gitcli.train.run_config import check_resume_agrees
+from gitcli.train.run_output import RunOutput
+from gitcli.train.state import Position, load_state, set_rng_state
+from gitcli.train.step import Optimisation
 
 Validator = Callable[[Captioner, int], dict]  # (model, step) -> {"score": float, ...}
 
@@ -56,6 +57,7 @@ class TrainResult:
     best_score: float | None = None
     seconds: float = 0.0
     data_notes: dict = field(default_factory=dict)  # what the source left out, e.g. missing images
+    already_finished: bool = False  # resumed a run that had reached its last step: nothing trained
 
 
 def _build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resume_from: Path | None) -> Captioner:
@@ -76,303 +78,146 @@ def _build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
     return build_captioner(model_cfg, device=device)
 
 
-def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
-               deepspeed_offload: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW; `deepspeed_offload` (not None) means the optimizer is handed to DeepSpeed."""
-    decay, no_decay = [], []
-    for p in _trainable(model):
-        (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norms
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]  # DeepSpeed refuses empty groups
-    if deepspeed_offload is not None:
-        return ds.build_optimizer(groups, cfg.lr, deepspeed_offload)
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
-
-
-def _prune(run_dir: Path, keep: int) -> None:
-    ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, validator: Validator | None = None,
           progress: bool = True, stop_after: int | None = None) -> TrainResult:
     """Run training; returns a summary. `stop_after` ends the process's run early (tests)."""
-    cfg.validate()
-    model_cfg.validate_for_training()
-    check_cache_features(model_cfg, cfg)
-    ds_override = check_combination(model_cfg, cfg)  # before anything loads
-    stage = zero_stage(cfg, ds_override)
-    check_available(cfg.report_to)
-    device = resolve_device(cfg.device)
-    rank, world = init_distributed(device.type)
-    precision = resolve_precision(cfg.precision, device)
-    if stage is not None:
-        ds.import_deepspeed()
-        ds.ensure_process_group(device)
+    launch = check_and_launch(model_cfg, data_cfg, cfg)  # every option checked before anything loads
     out = Path(cfg.output_dir)
+    with _run_lock(out, launch.rank):
+        resume_from, state = _resume_point(out, data_cfg, cfg)
+        if (finished := _finished_run(out, state, resume_from, cfg.max_steps)) is not None:
+            return finished  # said before a model loads, when --max-steps gives the length
+        torch.manual_seed(cfg.seed)
+        model = _build_model(model_cfg, cfg, launch.device, resume_from)
+        _prepare_model(model, cfg)
+        data = TrainData.build(model, data_cfg, cfg, launch, progress)
+        tower_offloaded = _offload_cached_tower(model, cfg, launch)
+        total_steps = cfg.max_steps or data.steps_per_epoch * cfg.epochs
+        if (finished := _finished_run(out, state, resume_from, total_steps)) is not None:
+            return finished
+        opt = Optimisation.build(model, cfg, launch, total_steps, data.image_key, tower_offloaded)
+        position = _resume(opt, state, resume_from, launch.rank) if state is not None else Position()
+        output = RunOutput(out, model.config, data_cfg, cfg, launch, data.sampler_kind, position.step)
+        result = TrainResult(out, position.step, None, best_score=position.best, data_notes=data.notes)
+
+        def stopped() -> bool:
+            return position.step >= total_steps or (stop_after is not None and len(result.losses) >= stop_after)
+
+        bar = _Bar(total_steps, enabled=progress and is_main_process())
+        start, samples_seen = time.perf_counter(), 0
+        with output, bar:
+            bar.update(position.step, None, opt.lr, 0.0)
+            while not stopped():
+                for batch in data.rest_of_epoch(position.epoch, position.micro_done):
+                    position.micro_done += 1
+                    result.skipped_images += batch["skipped"]
+                    samples_seen += opt.forward_backward(batch, position.micro_done)
+                    if position.micro_done % cfg.grad_accum != 0:
+                        continue
+                    step_loss = opt.step()  # None: a rank's loss was not finite, the step was skipped
+                    if step_loss is None:
+                        result.nonfinite_steps += 1
+                        continue
+                    position.step += 1
+                    result.losses.append(step_loss)
+                    position.window.append(step_loss)
+                    rate = samples_seen * launch.world / max(time.perf_counter() - start, 1e-9)
+                    bar.update(position.step, step_loss, opt.lr, rate)
+                    if position.step % cfg.log_every == 0 or position.step == total_steps:
+                        output.log_step(position, opt.lr, rate, result.skipped_images)
+                    epoch_ended = position.micro_done >= data.micro_per_epoch
+                    if epoch_ended:  # the one place the epoch moves on: a checkpoint saved now resumes there
+                        position.next_epoch()
+                    if position.step % cfg.save_every == 0 or position.step == total_steps:
+                        _save_and_validate(output, model, opt, position, result, validator, tower_offloaded)
+                    if stopped() or epoch_ended:
+                        break
+                if position.micro_done:  # the loader ran dry before the epoch's last step
+                    position.next_epoch()
+    result.steps = position.step
+    result.seconds = time.perf_counter() - start
+    result.samples_per_second = samples_seen * launch.world / max(result.seconds, 1e-9)
+    return result
+
+
+# ---- set-up ---------------------------------------------------------------------------------
+def _run_lock(out: Path, rank: int):
+    """One writer per run directory: rank 0 holds its lock for the whole run (the ranks of
+    one job share the folder by design); a second `gitcap train` into it is refused."""
+    if rank != 0:
+        return contextlib.nullcontext()
+    return OutputLock(lock_for_dir(out), what=f"run directory {out}",
+                      hint="wait for that run to finish or choose another --output-dir")
+
+
+def _resume_point(out: Path, data_cfg: DataConfig, cfg: TrainConfig) -> tuple[Path | None, dict | None]:
+    """(checkpoint to resume, its resume state), or (None, None) for a new run."""
     resume_from = None
     if cfg.resume:
         if (out / LATEST_FILE).is_file():
             resume_from = resolve_checkpoint(out)
         elif is_main_process():
-            print(f"nothing to resume in {out}: starting a new run")
+            print(f"nothing to resume in {out}: starting a new run", file=sys.stderr)
     elif (out / LATEST_FILE).is_file():
         raise GitcapError(f"{out} already holds a run; pass --resume to continue it or choose another --output-dir")
-    state = load_state(resume_from) if resume_from is not None else None
-    sampler_kind = "bucket-by-length" if cfg.bucket_by_length else "shuffle"
-    if state is not None and state.get("sampler", "shuffle") != sampler_kind:
+    if resume_from is None:
+        return None, None
+    state = load_state(resume_from)
+    check_resume_agrees(out, data_cfg, cfg)  # the saved run config is the truth
+    if state.get("sampler", "shuffle") != sampler_kind(cfg):
         # another order would replay or skip data; said before anything loads or is cached
         with_or_not = "with" if state.get("sampler") == "bucket-by-length" else "without"
         raise GitcapError(f"{out} was trained {with_or_not} --bucket-by-length; resume it the same way")
+    return resume_from, state
 
-    torch.manual_seed(cfg.seed)
-    model = _build_model(model_cfg, cfg, device, resume_from)
-    model_cfg = model.config
-    check_cache_features(model_cfg, cfg)  # again: a resumed run trains what its checkpoint says
+
+def _finished_run(out: Path, state: dict | None, checkpoint: Path | None, total_steps: int | None
+                  ) -> TrainResult | None:
+    """The result of resuming a run that already reached `total_steps`; None otherwise."""
+    if state is None or not total_steps or int(state["step"]) < total_steps:
+        return None
+    return TrainResult(out, int(state["step"]), checkpoint, best_score=state.get("best"), already_finished=True)
+
+
+def _prepare_model(model: Captioner, cfg: TrainConfig) -> None:
+    check_cache_features(model.config, cfg)  # again: a resumed run trains what its checkpoint says
     if cfg.grad_checkpointing:
-        if model_cfg.lm_trained:
+        if model.config.lm_trained:
             model.lm.gradient_checkpointing_enable()
-        if model_cfg.train_vision and hasattr(model.vision.visual, "set_grad_checkpointing"):
+        if model.config.train_vision and hasattr(model.vision.visual, "set_grad_checkpointing"):
             model.vision.visual.set_grad_checkpointing(True)
 
-    records, loader_fn, notes = build_source(data_cfg)
-    if not records:
-        raise GitcapError(f"no training examples in {data_cfg.source}")
-    image_key = "pixel_values"
-    if cfg.cache_features:
-        features, image_index = build_feature_cache(
-            model, records, loader_fn, data_cfg, cfg.cache_features, batch_size=cfg.batch_size, device=device,
-            precision=precision, rank=rank, world=world, progress=progress)
-        dataset = CachedFeatureDataset(records, image_index, features, model.tokenizer, model_cfg,
-                                       data_cfg.max_target_tokens)
-        image_key = "features"
-    else:
-        dataset = RecordDataset(records, loader_fn, model.image_transform(), model.tokenizer, model_cfg,
-                                data_cfg.max_target_tokens)
-    sampler: ResumableSampler | BucketBatchSampler
-    if cfg.bucket_by_length:
-        lengths = token_lengths(records, model.tokenizer, model_cfg, data_cfg.max_target_tokens)
-        sampler = BucketBatchSampler(lengths, cfg.batch_size, cfg.seed, rank, world)
-    else:
-        sampler = ResumableSampler(len(dataset), cfg.seed, rank, world)
-    # Training from cached features, the tower only runs for validation: keep it in host RAM
-    # (DeepSpeed places the whole module itself, so there it stays).
-    tower_offloaded = bool(cfg.cache_features) and device.type == "cuda" and stage is None
-    if tower_offloaded:
+
+def _offload_cached_tower(model: Captioner, cfg: TrainConfig, launch: Launch) -> bool:
+    """Training from cached features, the tower only runs for validation: keep it in host RAM
+    (DeepSpeed places the whole module itself, so there it stays). -> whether it moved."""
+    offloaded = bool(cfg.cache_features) and launch.device.type == "cuda" and launch.stage is None
+    if offloaded:
         model.vision.to("cpu")
-    micro_per_epoch = (len(dataset) // world) // cfg.batch_size
-    steps_per_epoch = micro_per_epoch // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise GitcapError(f"{len(dataset)} examples are fewer than one step's worth "
-                          f"({cfg.batch_size} x {cfg.grad_accum} x {world} processes)")
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    return offloaded
 
-    train_module: torch.nn.Module = model
-    engine = None
-    model.train()
-    if cfg.compile:
-        # In place (nn.Module.compile): parameter names, and so checkpoints, stay as they are.
-        model.lm.compile()
-    if stage is None:
-        optimizer = _optimizer(model, cfg, device)
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
 
-            # find_unused_parameters: a grid tower never runs its pooling head (ln_post, proj)
-            # DDP wants every parameter and buffer on one device; the frozen host-side tower needs no syncing
-            if tower_offloaded:
-                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    model, [f"vision.{n}" for n, _ in [*model.vision.named_parameters(), *model.vision.named_buffers()]])
-            train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                   find_unused_parameters=True)
-    else:
-        optimizer = _optimizer(model, cfg, device, deepspeed_offload=offloads(cfg, ds_override))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.schedule))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and stage is None)
-    if stage is not None:
-        # DeepSpeed does autocast (its torch_autocast section), loss scaling and clipping.
-        engine = ds.initialize(model, optimizer, build_config(cfg, precision=precision, world=world, stage=stage,
-                                                               override=ds_override))
-        train_module = engine
-
-    step, epoch, micro_done, best, nonfinite_run = 0, 0, 0, None, 0
-    if state is not None:
-        if engine is None:
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-        else:
-            ds.load_engine_state(engine, resume_from)
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        step, epoch, micro_done = int(state["step"]), int(state["epoch"]), int(state["micro_done"])
-        best = state.get("best")
-        if is_main_process():
-            print(f"resuming {out} at step {step} (epoch {epoch})")
-
+def _resume(opt: Optimisation, state: dict, checkpoint: Path, rank: int) -> Position:
+    """Optimizer, schedule, this rank's RNG streams and the position, as the checkpoint left them."""
+    opt.load(state, checkpoint)
+    set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+    position = Position.from_state(state)
     if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "train_config.json", {"model": to_dict(model_cfg), "data": to_dict(data_cfg),
-                                               "train": to_dict(cfg), "world_size": world})
-    result = TrainResult(out, step, None, best_score=best, data_notes=notes)
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if is_main_process() else None
-    reporter = (Reporter(cfg.report_to, out, {"model": to_dict(model_cfg), "train": to_dict(cfg)})
-                if cfg.report_to and is_main_process() else None)
+        print(f"resuming {checkpoint.parent} at step {position.step} (epoch {position.epoch})", file=sys.stderr)
+    return position
 
-    def save(tag_step: int) -> Path:
-        name = f"checkpoint-{tag_step}"
-        rngs = _gather_rng(world)
-        state = {"scheduler": scheduler.state_dict(), "rng": rngs, "step": tag_step, "epoch": epoch,
-                 "micro_done": micro_done, "best": result.best_score, "sampler": sampler_kind}
-        staging = out / f".{name}.deepspeed"
-        if engine is None:
-            if is_main_process():
-                state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
-        else:  # every rank writes its optimizer partition, then rank 0 moves them in
-            if is_main_process():
-                shutil.rmtree(staging, ignore_errors=True)
-            barrier()
-            ds.save_engine_state(engine, staging)
-            barrier()
 
-        def also_write(tmp: Path) -> None:
-            save_state(tmp, state)
-            if engine is not None:
-                ds.move_engine_state(staging, tmp)
-
-        with ds.gathered(model, stage or 0, saved_parameters(model)):
-            if is_main_process():
-                save_checkpoint(model, out / name, extra={"step": tag_step}, also_write=also_write)
-                write_latest(out, name)
-                _prune(out, cfg.keep_last)
-        barrier()
-        return out / name
-
-    def validate_and_keep_best(ckpt: Path) -> None:
-        if validator is None:
-            return
-        model.eval()
-        with _tower_on(model, device) if tower_offloaded else contextlib.nullcontext():
-            report = validator(model, step)
-        model.train()
-        if is_main_process():
-            metrics.write(json.dumps({"step": step, "validation": report}) + "\n")
-            metrics.flush()
-            if reporter is not None:
-                reporter.log({f"val/{k}": v for k, v in report.items()}, step)
-            score = report.get("score")
-            if score is not None and (result.best_score is None or score > result.best_score):
-                result.best_score = score
-                copy_dir_atomic(ckpt, out / "best")
-
-    bar = _Bar(total_steps, enabled=progress and is_main_process())
-    start, samples_seen = time.perf_counter(), 0
-    window: list[float] = []
-    try:
-        with bar:
-            bar.update(step, None, scheduler.get_last_lr()[0], 0.0)
-            while step < total_steps and (stop_after is None or len(result.losses) < stop_after):
-                sampler.set_position(epoch, micro_done * cfg.batch_size)
-                collate = Collator(model.tokenizer.pad_token_id, image_key)
-                # Pinned batches copy to the GPU asynchronously (non_blocking below), so the
-                # copy of the next batch overlaps the kernels still running.
-                pin = device.type == "cuda"
-                if isinstance(sampler, BucketBatchSampler):
-                    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=data_cfg.num_workers,
-                                        collate_fn=collate, persistent_workers=False, pin_memory=pin)
-                else:
-                    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                                        num_workers=data_cfg.num_workers, collate_fn=collate,
-                                        drop_last=True, persistent_workers=False, pin_memory=pin)
-                group_losses, bad = [], False
-                for batch in loader:
-                    micro_done += 1
-                    result.skipped_images += batch["skipped"]
-                    if batch["size"] > 0:
-                        with autocast(precision, device) if engine is None else contextlib.nullcontext():
-                            image = batch[image_key].to(device, non_blocking=True)  # pixels, or cached features
-                            live = image_key == "pixel_values"
-                            ids, mask, labels = (batch[k].to(device, non_blocking=True)
-                                                 for k in ("input_ids", "attention_mask", "labels"))
-                            loss, _ = train_module(image if live else None, ids, mask, labels,
-                                                   features=None if live else image)
-                        bad |= not bool(torch.isfinite(loss))
-                        if not bad and engine is not None:
-                            # DeepSpeed divides by grad_accum and reduces at the boundary
-                            engine.set_gradient_accumulation_boundary(micro_done % cfg.grad_accum == 0)
-                            engine.backward(loss)
-                            group_losses.append(float(loss.detach()))
-                        elif not bad:
-                            scaler.scale(loss / cfg.grad_accum).backward()
-                            group_losses.append(float(loss.detach()))
-                        samples_seen += batch["size"]
-                    if micro_done % cfg.grad_accum != 0:
-                        continue
-                    # ---- one optimizer step ----
-                    if all_reduce_mean(float(bad or not group_losses), device) > 0:
-                        (engine or optimizer).zero_grad()
-                        result.nonfinite_steps += 1
-                        nonfinite_run += 1
-                        if nonfinite_run >= cfg.max_nonfinite:
-                            raise GitcapError(f"{nonfinite_run} steps in a row had a non-finite loss; "
-                                              "lower --lr, use bf16 instead of fp16, or check the data")
-                        group_losses, bad = [], False
-                        continue
-                    nonfinite_run = 0
-                    if engine is not None:
-                        engine.step()  # clips (gradient_clipping), steps, zeroes the gradients
-                    else:
-                        if cfg.clip_grad:
-                            scaler.unscale_(optimizer)
-                            torch.nn.utils.clip_grad_norm_(_trainable(model), cfg.clip_grad)
-                        scaler.step(optimizer)
-                        scaler.update()
-                        optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    step += 1
-                    step_loss = all_reduce_mean(sum(group_losses) / len(group_losses), device)
-                    result.losses.append(step_loss)
-                    window.append(step_loss)
-                    group_losses, bad = [], False
-                    elapsed = time.perf_counter() - start
-                    rate = samples_seen * world / max(elapsed, 1e-9)
-                    bar.update(step, step_loss, scheduler.get_last_lr()[0], rate)
-                    if metrics is not None and (step % cfg.log_every == 0 or step == total_steps):
-                        record = {"step": step, "epoch": epoch, "loss": sum(window) / len(window),
-                                  "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
-                                  "skipped_images": result.skipped_images}
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                        if reporter is not None:
-                            reporter.log(record, step)
-                        window = []
-                    done = step >= total_steps or (stop_after is not None and len(result.losses) >= stop_after)
-                    if step % cfg.save_every == 0 or step == total_steps:
-                        if micro_done >= micro_per_epoch:  # the epoch ended with this step
-                            epoch, micro_done = epoch + 1, 0
-                        result.last_checkpoint = save(step)
-                        validate_and_keep_best(result.last_checkpoint)
-                    if done:
-                        break
-                else:
-                    epoch, micro_done = epoch + 1, 0
-                    continue
-                break
-    finally:
-        if metrics is not None:
-            metrics.close()
-        if reporter is not None:
-            reporter.close()
-    result.steps = step
-    result.seconds = time.perf_counter() - start
-    result.samples_per_second = samples_seen * world / max(result.seconds, 1e-9)
-    return result
+def _save_and_validate(output: RunOutput, model: Captioner, opt: Optimisation, position: Position,
+                       result: TrainResult, validator: Validator | None, tower_offloaded: bool) -> None:
+    """Write the step's checkpoint, then score it; best/ follows the best score."""
+    result.last_checkpoint = output.save(model, opt, position, result.best_score)
+    if validator is None:
+        return
+    model.eval()
+    with _tower_on(model, opt.launch.device) if tower_offloaded else contextlib.nullcontext():
+        report = validator(model, position.step)
+    model.train()
+    result.best_score = output.record_validation(report, position.step, result.last_checkpoint, result.best_score)
 
 
 @contextlib.contextmanager
@@ -383,18 +228,6 @@ def _tower_on(model: Captioner, device: torch.device):
         yield
     finally:
         model.vision.to("cpu")
-
-
-def _gather_rng(world: int) -> list[dict]:
-    """Every rank's RNG state, so each continues its own stream on resume."""
-    state = rng_state()
-    if world == 1:
-        return [state]
-    import torch.distributed as dist
-
-    states: list = [None] * world
-    dist.all_gather_object(states, state)
-    return states
 
 
 class _Bar(ProgressBar):

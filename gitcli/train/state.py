@@ -7,6 +7,7 @@ Stored as `train_state/state.pt` inside each checkpoint directory and read back 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +49,22 @@ def load_state(checkpoint: Path) -> dict:
     if not path.is_file():
         raise GitcapError(f"{checkpoint} has no resume state ({STATE_DIR}/state.pt); use --init-from to start from it")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class Position:
+    """Where the run is: what a checkpoint records so that a resumed run continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_done: int = 0  # micro-batches of this epoch already trained on
+    best: float | None = None
+    window: list[float] = field(default_factory=list)  # losses since the last logged line: its mean
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Position":
+        return cls(int(state["step"]), int(state["epoch"]), int(state["micro_done"]), state.get("best"),
+                   [float(x) for x in state.get("loss_window", [])])
+
+    def next_epoch(self) -> None:
+        self.epoch, self.micro_done = self.epoch + 1, 0

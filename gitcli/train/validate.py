@@ -16,6 +16,7 @@ from gitcli.config import GenerationConfig
 from gitcli.data.datasets import Record
 from gitcli.data.text import encode_pair, pad_right
 from gitcli.dist import autocast
+from gitcli.errors import GitcapError
 from gitcli.generate import generate_for_images, prompts_for
 
 
@@ -113,10 +114,11 @@ def _decode(model, chunk: list[Record], load_image, transform, gen: GenerationCo
     return outs, loss
 
 
-def make_validator(val_data, samples: int, train_data) -> Callable:
+def make_validator(val_data, samples: int, train_data, synthetic_seed: int | None = None) -> Callable:
     """A validator for `train --val-data`: `val_data` is a DataConfig of any training source.
 
-    `synthetic` means a held-out synthetic set (a seed the training scenes never use).
+    `synthetic` means a held-out synthetic set: the scenes of `synthetic_seed` (default:
+    `TrainConfig.val_synthetic_seed`), which must not be the training scenes' seed.
     Otherwise caption records are reduced to one per image, scored against all of that
     image's captions, and questions are scored one by one; the first `samples` items count.
     """
@@ -124,7 +126,12 @@ def make_validator(val_data, samples: int, train_data) -> Callable:
     from gitcli.data.synthetic import make_scene
 
     if val_data.source == "synthetic":
-        seed = train_data.synthetic_seed + 1_000_003  # never the training scenes
+        from gitcli.config import TrainConfig
+
+        seed = TrainConfig.val_synthetic_seed if synthetic_seed is None else synthetic_seed
+        if train_data.source == "synthetic" and train_data.synthetic_seed == seed:
+            raise GitcapError(f"--val-data synthetic would score the training scenes (both seed {seed}); "
+                              "validate on other scenes")
         scenes = max(1, samples // 8)
         records = synthetic_records(scenes, seed, train_data.task)[:samples]
         refs = {str(i): make_scene(seed, i).captions for i in range(scenes)}
