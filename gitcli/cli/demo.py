@@ -41,6 +41,7 @@ def demo(
     from gitcli.config import DataConfig, GenerationConfig, TrainConfig
     from gitcli.data.sources import SyntheticImages, synthetic_records
     from gitcli.data.synthetic import make_scene
+    from gitcli.cli.common import output_dir as output_dir_checked
     from gitcli.errors import GitcapError
     from gitcli.model.captioner import build_captioner
     from gitcli.model.checkpoint import load_checkpoint
@@ -48,6 +49,7 @@ def demo(
     from gitcli.train.loop import train
     from gitcli.train.validate import evaluate_records
 
+    output_dir_checked(output_dir, option="--output-dir")  # a file in the way is said before training
     if (output_dir / "latest").exists():
         raise GitcapError(f"{output_dir} already holds a demo run; remove it or pass --output-dir")
     started = time.perf_counter()

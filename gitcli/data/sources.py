@@ -183,30 +183,49 @@ def cc_tsv_records(tsv: Path, image_root: Path) -> tuple[list[Record], int]:
     return records, missing
 
 
-def build_source(cfg: DataConfig):
-    """-> (records, loader, notes) for the configured source."""
+def source_kind(cfg: DataConfig) -> str:
+    """What kind of training data `cfg` names: synthetic, vqa, git-tsv, shards or cc-tsv.
+    Cheap (no file is read), so a run refuses a missing or unknown source before it
+    creates or loads anything."""
     src = cfg.source
     if src == "synthetic":
-        records = synthetic_records(cfg.synthetic_size, cfg.synthetic_seed, cfg.task, cfg.questions_per_scene)
-        return records, SyntheticImages(cfg.synthetic_seed), {}
+        return "synthetic"
     path = Path(src)
     if "{" not in src and not path.exists():
         raise GitcapError(f"training data not found: {src}")
     if cfg.questions or cfg.annotations:
         if not (cfg.questions and cfg.annotations):
             raise GitcapError("VQA training needs both --questions and --annotations")
-        records, loader, missing = vqa_records(path, Path(cfg.questions), Path(cfg.annotations))
-        return records, loader, {"questions without image": missing}
+        return "vqa"
     if cfg.captions:
-        records, unlabelled = git_tsv_records(path, Path(cfg.captions))
-        return records, TsvImages(src), {"images without captions": unlabelled}
+        return "git-tsv"
     if path.suffix == ".tar" or path.is_dir() or "{" in src:
-        records, skipped = shard_records(src)
-        return records, TarMemberImages(), ({"oversized tar members skipped": skipped} if skipped else {})
+        if path.is_dir() and next(path.glob("*.tar"), None) is None:
+            raise GitcapError(f"{src} holds no .tar shards (the output of gitcap fetch)")
+        return "shards"
     if path.suffix in (".tsv", ".gz") and cfg.image_root:
-        records, missing = cc_tsv_records(path, Path(cfg.image_root))
-        return records, FileImages(), {"missing images": missing}
+        return "cc-tsv"
     raise GitcapError(
         f"cannot tell what kind of data {src!r} is: use synthetic, a shard folder, a CC TSV with "
         "--image-root, a GIT image TSV with --captions, or VQA JSON with --questions/--annotations"
     )
+
+
+def build_source(cfg: DataConfig):
+    """-> (records, loader, notes) for the configured source."""
+    kind, src = source_kind(cfg), cfg.source
+    if kind == "synthetic":
+        records = synthetic_records(cfg.synthetic_size, cfg.synthetic_seed, cfg.task, cfg.questions_per_scene)
+        return records, SyntheticImages(cfg.synthetic_seed), {}
+    path = Path(src)
+    if kind == "vqa":
+        records, loader, missing = vqa_records(path, Path(cfg.questions), Path(cfg.annotations))
+        return records, loader, {"questions without image": missing}
+    if kind == "git-tsv":
+        records, unlabelled = git_tsv_records(path, Path(cfg.captions))
+        return records, TsvImages(src), {"images without captions": unlabelled}
+    if kind == "shards":
+        records, skipped = shard_records(src)
+        return records, TarMemberImages(), ({"oversized tar members skipped": skipped} if skipped else {})
+    records, missing = cc_tsv_records(path, Path(cfg.image_root))
+    return records, FileImages(), {"missing images": missing}

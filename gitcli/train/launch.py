@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from gitcli.config import DataConfig, ModelConfig, TrainConfig
+from gitcli.data.sources import source_kind
 from gitcli.dist import init_distributed, resolve_device, resolve_precision
 from gitcli.errors import GitcapError
+from gitcli.model.checkpoint import resolve_checkpoint
 from gitcli.train import zero as ds
 from gitcli.train.deepspeed_config import check_combination, zero_stage
 from gitcli.train.features import check_cache_features
@@ -38,6 +41,12 @@ def check_and_launch(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainCon
     if data_cfg.source is None:
         raise GitcapError("no --data given: name the training data, or pass --data synthetic for the built-in "
                           "synthetic set")
+    source_kind(data_cfg)  # a missing or unrecognisable source, before the run directory exists
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise GitcapError(f"--output-dir {out} is a file; give a folder")
+    if cfg.init_from:
+        resolve_checkpoint(cfg.init_from)
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device.type)
     precision = resolve_precision(cfg.precision, device)
