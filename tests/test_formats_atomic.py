@@ -32,7 +32,13 @@ def test_files_and_directories_get_the_umask_modes_not_tempfiles_private_ones(tm
     assert _mode(tmp_path / "a.txt") == file_mode() == 0o666 & ~_umask()
     with atomic_dir(tmp_path / "ckpt") as staging:
         (staging / "w.bin").write_bytes(b"1")
+        (staging / "lm").mkdir(mode=0o700)
+        private = staging / "lm" / "model.safetensors"
+        private.write_bytes(b"2")
+        os.chmod(private, 0o600)  # as safetensors creates its files
     assert _mode(tmp_path / "ckpt") == 0o777 & ~_umask()
+    assert _mode(tmp_path / "ckpt" / "lm") == 0o777 & ~_umask()
+    assert _mode(tmp_path / "ckpt" / "lm" / "model.safetensors") == 0o666 & ~_umask()
     assert (tmp_path / "ckpt" / "w.bin").read_bytes() == b"1"
 
 

@@ -297,3 +297,16 @@ def test_question_template_is_filled_by_plain_replacement():
     config.validate()
     assert prompt_text(config, " what is {0} or {question.__class__}? ") == \
         "Q: what is {0} or {question.__class__}? A: (what is {0} or {question.__class__}?)"
+
+
+def test_a_checkpoint_follows_the_umask_not_its_writers_private_modes(tiny_checkpoint):
+    # safetensors creates its files 0600; colleagues on a shared file system must read them
+    import os
+    import stat
+
+    from gitcli.formats.atomic import dir_mode, file_mode
+
+    for root, dirs, files in os.walk(tiny_checkpoint):
+        assert stat.S_IMODE(os.stat(root).st_mode) == dir_mode(), root
+        for name in files:
+            assert stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode) == file_mode(), name

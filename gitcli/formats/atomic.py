@@ -63,6 +63,16 @@ def fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+def _umask_modes(path: Path) -> None:
+    """Give every file and folder under `path` the modes the umask gives: some writers
+    (safetensors among them) create their files 0600 whatever the umask, which would keep
+    colleagues on a shared file system out of a checkpoint."""
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, dir_mode())
+        for name in files:
+            os.chmod(Path(root) / name, file_mode())
+
+
 def fsync_tree(path: Path) -> None:
     """fsync every file and directory under `path`, and `path` itself."""
     path = Path(path)
@@ -140,6 +150,7 @@ def publish_dir(staging: Path, target: Path) -> None:
     `.NAME.old`, which `remove_temporaries` puts back.
     """
     staging, target = Path(staging), Path(target)
+    _umask_modes(staging)
     fsync_tree(staging)
     old = target.with_name(f".{target.name}{OLD_SUFFIX}")
     if target.exists():
