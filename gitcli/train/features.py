@@ -11,6 +11,7 @@ pass is resumed, so none waits long at the closing barrier.
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 
 import torch
@@ -97,7 +98,7 @@ def build_feature_cache(model, records: list[Record], load_image, data_cfg: Data
         done = sum(len(store.chunk_range(k)) for k in missing)
         what = (f"cached the features of {done} images in {time.perf_counter() - start:.0f} s" if missing
                 else "using the cached features")
-        print(f"{what}: {root} ({len(refs)} images, {store.chunks} chunks)")
+        print(f"{what}: {root} ({len(refs)} images, {store.chunks} chunks)", file=sys.stderr)  # a log line
     return reader, index
 
 
