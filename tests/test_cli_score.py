@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from eval_helpers import cli, write_json  # noqa: F401  (cli is a fixture)
+from support.scoring import cli, write_json  # noqa: F401  (cli is a fixture)
 from gitcli.formats.tsv import json_cell, write_tsv
 
 
@@ -161,7 +161,7 @@ def test_vqa_flow_on_test_dev_whose_questions_cover_a_subset_of_the_images(tmp_p
     # test-dev asks about a subset of test2015's images: the question TSV holds [] for
     # the others, inference answers nothing there, and the submission is still checked
     # against the questions file.
-    from eval_helpers import jpeg_bytes
+    from support.scoring import jpeg_bytes
 
     from gitcli.formats.tsv import iter_tsv
 
@@ -224,7 +224,7 @@ def test_score_vqa_table_goes_to_stdout_of_a_real_process(tmp_path, vqa_files):
 
 def _writing_commands(tmp_path, vqa_files):
     """Every command of this area that writes --out, with inputs it accepts."""
-    from eval_helpers import jpeg_bytes
+    from support.scoring import jpeg_bytes
 
     anns, questions = vqa_files
     folder = tmp_path / "photos"

@@ -1,7 +1,7 @@
 import base64
 import json
 
-from eval_helpers import cli, jpeg_bytes, png_bytes, write_json  # noqa: F401  (cli is a fixture)
+from support.scoring import cli, jpeg_bytes, png_bytes, write_json  # noqa: F401  (cli is a fixture)
 from gitcli.formats.tsv import iter_tsv, read_caption_tsv, read_lineidx
 
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from eval_helpers import write_json
+from support.scoring import write_json
 from gitcli.errors import GitcapError
 from gitcli.formats import coco
 

@@ -203,12 +203,12 @@ def test_zero2_trains_from_cached_features_like_the_plain_loop(tmp_path):
     assert zero.losses == pytest.approx(plain.losses, rel=1e-5)
 
 
-# ---- killed and resumed (the harness and kill points of test_train.py) -------------------
+# ---- killed and resumed (the harness and kill points of test_train_loop.py) -------------------
 @pytest.mark.slow
 def test_zero2_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     """Killed while writing a checkpoint (DeepSpeed's optimizer partitions staged beside it),
-    then resumed mid-epoch. (The epoch-boundary kill is the engine-free loop's: test_train.py.)"""
-    from test_train import KILL_SEGMENTS, assert_resumed_run_is_the_uninterrupted_one, run_kill_harness
+    then resumed mid-epoch. (The epoch-boundary kill is the engine-free loop's: test_train_loop.py.)"""
+    from test_train_loop import KILL_SEGMENTS, assert_resumed_run_is_the_uninterrupted_one, run_kill_harness
 
     run_kill_harness(tmp_path, zero=2, segments=[KILL_SEGMENTS[0], KILL_SEGMENTS[1], KILL_SEGMENTS[4]])
     assert_resumed_run_is_the_uninterrupted_one(tmp_path)
@@ -219,7 +219,7 @@ def test_two_process_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_pat
     """Two ranks (DDP on gloo, started with torchrun's environment), killed together right
     after the checkpoint of an epoch's last step, then resumed. (One kill point: each
     two-process segment costs ~20 s on a 2-core machine.)"""
-    from test_train import KILL_SEGMENTS, assert_resumed_run_is_the_uninterrupted_one, run_kill_harness
+    from test_train_loop import KILL_SEGMENTS, assert_resumed_run_is_the_uninterrupted_one, run_kill_harness
 
     run_kill_harness(tmp_path, world=2, segments=[KILL_SEGMENTS[0], {**KILL_SEGMENTS[3], "resume": False},
                                                   KILL_SEGMENTS[4]])

@@ -1,6 +1,6 @@
 """Kill a training run with SIGKILL at chosen points, resume it, and record every step.
 
-Run as `python tests/resume_harness.py SPEC_JSON` (one process per rank for a 2-process
+Run as `python tests/support/resume_harness.py SPEC_JSON` (one process per rank for a 2-process
 run). Torch and gitcap are imported once; every run segment is a forked child, so a
 SIGKILL hits a real process while the next segment costs no new import. SPEC:
   dir: folder for the runs; world, rank: the process group (world 2 = DDP on gloo);

@@ -184,7 +184,7 @@ def test_nonfinite_loss_is_skipped_then_stops(tmp_path, monkeypatch):
 
 
 # ---- killed and resumed: the run it would have been ---------------------------------------
-HARNESS = os.path.join(os.path.dirname(__file__), "resume_harness.py")
+HARNESS = os.path.join(os.path.dirname(__file__), "support", "resume_harness.py")
 # 12 examples in batches of 4: 3 steps an epoch, 3 epochs. Checkpoints every 2 steps (one
 # at an epoch's last step, 6), a line every 3 steps (so the loss window spans checkpoints).
 KILL_RUN = dict(train=dict(max_steps=7, batch_size=4, lr=2e-3, save_every=2, log_every=3, seed=0, keep_last=10),
