@@ -34,6 +34,7 @@ def _check_numbers(report, tokens):
     assert env["device_type"] == "cpu" and env["torch"] and env["transformers"] and env["date"]
 
 
+@pytest.mark.slow
 def test_train_tiny_preset(tmp_path):
     report, output = _bench(tmp_path, "train", "--preset", "tiny", "--caption-tokens", "6")
     assert report["command"] == "bench train"
@@ -46,6 +47,7 @@ def test_train_tiny_preset(tmp_path):
     assert "samples/s" in output and "MFU" in output and "--dry-run estimate" in output
 
 
+@pytest.mark.slow
 def test_generate_named_architecture_shrunk(tmp_path):
     report, output = _bench(tmp_path, "generate", *TINY_VISION, "--lm", "opt-2.7b", "--lm-layers", "1",
                             "--prefix-length", "3", "--beams", "2", "--max-new-tokens", "4")

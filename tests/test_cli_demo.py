@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from gitcli.cli import app
 
 
+@pytest.mark.slow
 def test_short_demo_beats_the_untrained_model(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--output-dir", str(out), "--steps", "250", "--train-scenes", "600",

@@ -5,7 +5,7 @@ import contextlib
 
 import pytest
 import torch
-from test_generate import PROMPTS, _hf, _inputs
+from test_generate_decode import PROMPTS, _hf, _inputs
 
 from gitcli.config import GenerationConfig, from_dict, to_dict
 from gitcli.errors import GitcapError
@@ -156,6 +156,7 @@ def test_static_state_is_rebuilt_for_a_new_shape(tiny_captioner, scene_images):
     assert second.length % static_mod.LENGTH_STEP == 0
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_compiled_step_matches_eager_and_compiles_once(tiny_captioner, scene_images, monkeypatch):
     """The compiled one-token step through dynamo, traced once for all steps and calls.

@@ -65,6 +65,7 @@ def test_zero3_gathers_weights_for_the_checkpoint(tmp_path, plain_losses):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_offload_optimizer_and_params(tmp_path, plain_losses, stage):
     """Offload on CPU: the optimizer step runs in DeepSpeedCPUAdam (a JIT-built op); ZeRO-3
@@ -85,6 +86,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(tmp_path):
     """2 ranks x batch 2 under torchrun (gloo) == 1 process x batch 4: the same global batch."""
     common = ["--preset", "tiny", "--data", "synthetic", "--synthetic-size", "12", "--task", "captions",

@@ -106,6 +106,7 @@ def test_resume_gives_the_same_losses(tmp_path):
     assert json.loads((run / "train_config.json").read_text())["model"]["preset"] == "tiny"
 
 
+@pytest.mark.slow
 def test_compile_goes_through_torch_compile_and_leaves_checkpoints_alone(tmp_path, monkeypatch):
     """--compile: the LM's forward runs compiled (eager backend here: inductor needs minutes
     on a CPU), the losses are the plain run's and the checkpoint holds the same tensors."""
@@ -144,6 +145,7 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     assert names == ["checkpoint-4", "checkpoint-6"]
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, tiny_checkpoint):
     """SIGKILL a process in the middle of writing a checkpoint's weights."""
     run = tmp_path / "run"
