@@ -51,7 +51,20 @@ def staggered(engine, jobs, arrivals):
         engine.step()
         widths.append(engine.running)
         step += 1
+        check_batch_state(engine)
     return widths
+
+
+def check_batch_state(engine):
+    """Every row keeps all its real positions (its prefix, prompt and fed tokens) and no
+    column is padding in every row."""
+    if not engine.running:
+        return
+    mask = engine._mask
+    assert bool(mask[:, 0].any())
+    real = mask.sum(dim=1).tolist()
+    assert real == [row.job.prompt_tokens + len(row.job.tokens) - 1 for row in engine._rows]
+    assert engine._cache.layers[0].keys.shape[2] == mask.shape[1]
 
 
 def test_greedy_joining_a_running_batch_is_token_for_token_what_each_image_gives_alone(tiny_captioner, image_files):

@@ -36,6 +36,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("score-vqa", "score_vqa", "score_vqa"),
     ("tsv", "tsv", "app"),
     ("bench", "bench", "app"),
+    ("serve", "serve", "serve"),
 ]
 
 

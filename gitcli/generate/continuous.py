@@ -231,6 +231,14 @@ class ContinuousEngine:
             if self._rows:
                 self._decode_one()
 
+    def fail_all(self, exc: BaseException) -> None:
+        """End every waiting and running job with `exc` (a fault outside any one job)."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for job in [row.job for row in self._rows] + waiting:
+            self._fail(job, exc)
+        self._reset()
+
     def run_until_idle(self) -> None:
         while self.has_work():
             self.step()

@@ -1,0 +1,104 @@
+"""`gitcap serve`: the model loaded once behind an OpenAI-compatible HTTP API and a page."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from gitcli.cli.common import (BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt, PrecisionOpt,
+                               PresetOpt, SeedOpt, TemperatureOpt, TopPOpt, user_errors)
+
+
+@user_errors
+def serve(
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    beams: BeamsOpt = 1,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", min=1, help="Default longest answer in tokens (default: 20 for captions, 10 for "
+                                        "answers, as caption and ask).")] = None,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
+    cache: CacheOpt = "dynamic",
+    compile: DecodeCompileOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    precision: PrecisionOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Rows decoded together.")] = 32,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", min=1, help="Requests waiting for a row; beyond it a request gets 503 with Retry-After.")] = 256,
+    max_image_bytes: Annotated[int, typer.Option(
+        "--max-image-bytes", min=1, help="Largest image upload (413 above it).")] = 20_000_000,
+    max_image_pixels: Annotated[int, typer.Option(
+        "--max-image-pixels", min=1, help="Largest decoded image, width x height (400 above it).")] = 40_000_000,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="GITCAP_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every /v1/ route.")] = None,
+    allow_image_urls: Annotated[bool, typer.Option(
+        "--allow-image-urls", help="Fetch http(s) image URLs (public addresses only, as gitcap fetch).")] = False,
+    scheduler: Annotated[str, typer.Option(
+        "--scheduler", help="continuous: requests join the running batch at the next token; whole: a batch runs "
+                            "to completion before the next starts (the baseline).")] = "continuous",
+) -> None:
+    """Serve a captioner over HTTP: OpenAI chat completions, /v1/caption, /v1/ask, a web page at /.
+
+    Requests are batched continuously; the decoding options are the defaults a request can
+    override. SIGTERM drains: new requests get 503, running ones finish, then it exits.
+
+    Example: gitcap serve --checkpoint ./gitcap-demo --port 8000
+    """
+    from gitcli.cli.common import console
+    from gitcli.config import GenerationConfig
+    from gitcli.serve.config import ServeConfig, exposure_warning
+    from gitcli.serve.server import bind
+
+    config = ServeConfig(
+        generation=GenerationConfig(beams=beams, temperature=temperature, top_p=top_p, seed=seed, cache=cache,
+                                    compile=compile),
+        max_new_tokens=max_new_tokens, host=host, port=port, max_batch_size=max_batch_size, max_queue=max_queue,
+        max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, api_key=api_key,
+        allow_image_urls=allow_image_urls, scheduler=scheduler)
+    config.validate()
+    if checkpoint is None and preset is None:
+        from gitcli.errors import GitcapError
+
+        raise GitcapError("no model: pass --checkpoint DIR (or --preset tiny for an untrained tiny model)")
+    warning = exposure_warning(host, api_key)
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}")
+    sock = bind(host, port)  # a taken port is reported before the model loads
+    try:
+        _load_and_serve(sock, config, checkpoint=checkpoint, preset=preset, device=device, dtype=dtype,
+                        precision=precision)
+    finally:
+        sock.close()
+
+
+def _load_and_serve(sock, config, *, checkpoint, preset, device, dtype, precision) -> None:
+    from pathlib import Path
+
+    from gitcli.cli.common import console
+    from gitcli.infer import RuntimeOptions, load_model
+    from gitcli.serve.app import create_app
+    from gitcli.serve.server import serve
+
+    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision)
+    with console.status("loading model"):
+        model, dev, prec = load_model(checkpoint, preset, runtime)
+    if preset is not None:
+        console.print(f"[yellow]note:[/] the {preset} preset is untrained here: expect random words")
+    config.precision = prec
+    config.model_id = f"gitcap-{preset}" if preset is not None else Path(checkpoint).resolve().name
+    port = sock.getsockname()[1]
+    shown = f"[{config.host}]" if ":" in config.host else config.host
+    url = f"http://{shown}:{port}"
+
+    def ready() -> None:
+        console.print(f"serving [bold]{config.model_id}[/] at {url}  (API docs: {url}/docs; Ctrl-C or SIGTERM "
+                      "drains and stops)")
+
+    serve(create_app(model, config, device=dev, on_ready=ready), sock)

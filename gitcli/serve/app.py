@@ -1,0 +1,377 @@
+"""The FastAPI app: OpenAI-compatible chat completions, multipart caption/ask, models,
+health, metrics and the page.
+
+Bodies are read by hand, with the size limit applied while they stream in (a form parser
+would spool any size to disk first), and every answer, error or not, is counted in the
+metrics by route and outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gitcli import __version__
+from gitcli.errors import GitcapError
+from gitcli.generate.continuous import ContinuousEngine, Job
+from gitcli.serve import openai_format as oai
+from gitcli.serve.config import ServeConfig
+from gitcli.serve.errors import ApiError, bad_request, error_body, outcome, too_large
+from gitcli.serve.images import data_url_bytes, decode_image, fetch_image
+from gitcli.serve.metrics import CONTENT_TYPE_LATEST, Metrics
+from gitcli.serve.scheduler import READY, Scheduler, Ticket
+
+PAGE = Path(__file__).with_name("page.html")
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields beside the image
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection; never sent
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class _Options:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    beams: int | None = None
+    seed: int | None = None
+
+
+def create_app(captioner, config: ServeConfig, *, device=None,
+               on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """An app serving `captioner`; its engine thread starts and stops with the app's lifespan."""
+    from gitcli.data.text import prompt_text
+
+    config.validate()
+    engine = ContinuousEngine(captioner, device=device, precision=config.precision,
+                              max_batch_size=config.max_batch_size, mode=config.scheduler)
+    scheduler = Scheduler(engine, config.max_queue)
+    metrics = Metrics()
+    metrics.watch(lambda: scheduler.queue_depth, lambda: scheduler.running)
+    transform = captioner.image_transform()
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        if on_ready is not None:
+            on_ready()
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="gitcap", version=__version__, lifespan=lifespan,
+                  description="Captions and answers about images, in OpenAI's chat-completions format.")
+    app.state.scheduler, app.state.metrics, app.state.config = scheduler, metrics, config
+
+    # ---- plumbing ---------------------------------------------------------------
+    def error_response(exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    def check_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        # compared in constant time: how long a wrong key takes says nothing about the right one
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'",
+                           "invalid_request_error", "invalid_api_key")
+
+    async def answer(request: Request, route: str, handler: Callable[[Request, float], Awaitable[Response]]):
+        start = time.perf_counter()
+        try:
+            check_key(request)
+            response = await handler(request, start)
+        except ApiError as exc:
+            response = error_response(exc)
+        except _ClientGone:
+            response = Response(status_code=CLIENT_GONE)
+        if not getattr(request.state, "counted", False):
+            metrics.requests.labels(route, outcome(response.status_code)).inc()
+        return response
+
+    async def read_body(request: Request, limit: int) -> bytes:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large(f"the request body is over the limit of {limit} bytes")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_large(f"the request body is over the limit of {limit} bytes")
+        return bytes(body)
+
+    async def pixels_from(data: bytes):
+        def prepare():
+            return transform(decode_image(data, config.max_image_pixels))
+
+        return await asyncio.to_thread(prepare)  # decoding a large image must not stall the loop
+
+    def make_job(pixels, question: str | None, options: _Options) -> Job:
+        gen = config.generation
+        sampling = options.temperature is not None and options.temperature > 0
+        gen = dataclasses.replace(
+            gen,
+            max_new_tokens=options.max_tokens or config.default_max_new_tokens(question),
+            temperature=gen.temperature if options.temperature is None else options.temperature,
+            top_p=gen.top_p if options.top_p is None else options.top_p,
+            # a request that asks for sampling is not held to the server's default beam width
+            beams=options.beams if options.beams is not None else (1 if sampling else gen.beams),
+            seed=gen.seed if options.seed is None else options.seed,
+        )
+        try:
+            gen.validate()
+        except GitcapError as exc:
+            raise bad_request(str(exc).replace("--max-new-tokens", "max_tokens").replace("--", ""),
+                              "invalid_value") from None
+        return Job(pixels, prompt_text(captioner.config, question), gen)
+
+    async def run(request: Request, job: Job, start: float, route: str, stream_text: bool = False) -> Ticket:
+        ticket = scheduler.submit(job, stream_text=stream_text)
+        ticket.route, ticket.start = route, start
+        return ticket
+
+    def record(ticket: Ticket) -> None:
+        job, now = ticket.job, time.perf_counter()
+        metrics.latency.labels(ticket.route).observe(now - ticket.start)
+        metrics.ttft.labels(ticket.route).observe((ticket.first_token or now) - ticket.start)
+        metrics.generated.inc(completion_tokens(job))
+        metrics.prompt_tokens.inc(job.prompt_tokens)
+
+    async def finished(request: Request, ticket: Ticket) -> Job:
+        """The job's end, or _ClientGone (and the job cancelled) if the client leaves first."""
+        result = asyncio.ensure_future(ticket.finished())
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            ticket.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        if result not in done:
+            ticket.cancel()
+            result.cancel()
+            raise _ClientGone
+        job = result.result()
+        raise_for_job(job)
+        record(ticket)
+        return job
+
+    # ---- routes -------------------------------------------------------------------
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind, exc.status_code), status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health():
+        state = scheduler.state
+        return JSONResponse({"status": state}, status_code=200 if state == READY else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        if not PAGE.is_file():
+            return JSONResponse(error_body("the page is not installed", "not_found", 404), status_code=404)
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        async def handler(request: Request, start: float):
+            return JSONResponse(oai.models_list(config.model_id, created))
+
+        return await answer(request, "/v1/models", handler)
+
+    async def form_request(request: Request, with_question: bool):
+        body = await read_body(request, config.max_image_bytes + FORM_OVERHEAD)
+        form = await _parse_form(request, body)
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise bad_request("send the image as a multipart file field named 'image'", "missing_image")
+        data = await upload.read()
+        if len(data) > config.max_image_bytes:
+            raise too_large(f"the image is over the limit of {config.max_image_bytes} bytes")
+        question = None
+        if with_question:
+            question = form.get("question")
+            if not isinstance(question, str) or not question.strip():
+                raise bad_request("send the question as a form field named 'question'", "missing_question")
+            question = question.strip()
+        options = _Options(max_tokens=_form_int(form, "max_tokens", 1), temperature=_form_float(form, "temperature"),
+                           top_p=_form_float(form, "top_p"), beams=_form_int(form, "beams", 1),
+                           seed=_form_int(form, "seed", None))
+        return make_job(await pixels_from(data), question, options), question
+
+    @app.post("/v1/caption")
+    async def caption(request: Request):
+        async def handler(request: Request, start: float):
+            job, _ = await form_request(request, with_question=False)
+            job = await finished(request, await run(request, job, start, "/v1/caption"))
+            return JSONResponse({"caption": job.text, "model": config.model_id, "usage": job_usage(job)})
+
+        return await answer(request, "/v1/caption", handler)
+
+    @app.post("/v1/ask")
+    async def ask(request: Request):
+        async def handler(request: Request, start: float):
+            job, question = await form_request(request, with_question=True)
+            job = await finished(request, await run(request, job, start, "/v1/ask"))
+            return JSONResponse({"question": question, "answer": job.text, "model": config.model_id,
+                                 "usage": job_usage(job)})
+
+        return await answer(request, "/v1/ask", handler)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        route = "/v1/chat/completions"
+
+        async def handler(request: Request, start: float):
+            # a base64 data: URL is 4/3 of the image's size
+            body = await read_body(request, config.max_image_bytes * 4 // 3 + FORM_OVERHEAD)
+            chat_request = oai.parse_chat(oai.parse_json(body))
+            data = await image_bytes(chat_request.image_url)
+            options = _Options(max_tokens=chat_request.max_tokens, temperature=chat_request.temperature,
+                               top_p=chat_request.top_p, seed=chat_request.seed)
+            job = make_job(await pixels_from(data), chat_request.question, options)
+            ticket = await run(request, job, start, route, stream_text=chat_request.stream)
+            if chat_request.stream:
+                request.state.counted = True  # the stream counts its own outcome when it ends
+                return StreamingResponse(stream(ticket, chat_request.include_usage), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            job = await finished(request, ticket)
+            return JSONResponse(oai.chat_completion(oai.completion_id(), config.model_id, job.text,
+                                                    job.finish_reason, job_usage(job)))
+
+        return await answer(request, route, handler)
+
+    async def image_bytes(url: str) -> bytes:
+        if url.startswith("data:"):
+            return data_url_bytes(url, config.max_image_bytes)
+        if url.startswith(("http://", "https://")):
+            if not config.allow_image_urls:
+                raise bad_request("image URLs are off on this server (start it with --allow-image-urls); "
+                                  "send the image as a data: URL", "image_urls_disabled")
+            return await fetch_image(url, config.max_image_bytes)
+        raise bad_request("image_url must be a data: URL (or http(s) with --allow-image-urls)", "invalid_image_url")
+
+    async def stream(ticket: Ticket, include_usage: bool):
+        cid, created_at, status = oai.completion_id(), int(time.time()), CLIENT_GONE
+        try:
+            yield oai.chunk(cid, config.model_id, created_at, {"role": "assistant", "content": ""})
+            async for delta in ticket.text_events():
+                if delta:
+                    yield oai.chunk(cid, config.model_id, created_at, {"content": delta})
+            job = ticket.job
+            try:
+                raise_for_job(job)
+            except ApiError as exc:
+                status = exc.status
+                yield oai.sse(exc.body())
+            else:
+                record(ticket)
+                rest = ticket.deltas.rest(job.text) if ticket.deltas else ""
+                if rest:
+                    yield oai.chunk(cid, config.model_id, created_at, {"content": rest})
+                yield oai.chunk(cid, config.model_id, created_at, {}, job.finish_reason)
+                if include_usage:
+                    yield oai.chunk(cid, config.model_id, created_at, {}, usage_=job_usage(job), with_choice=False)
+                status = 200
+            yield oai.sse("[DONE]")
+        finally:
+            ticket.cancel()  # a no-op when it ended; the client left otherwise
+            metrics.requests.labels(ticket.route, outcome(status)).inc()
+
+    return app
+
+
+# ---- helpers ---------------------------------------------------------------------
+def completion_tokens(job: Job) -> int:
+    """Generated tokens, the EOS that ended the answer included."""
+    return len(job.tokens) + (1 if job.finish_reason == "stop" else 0)
+
+
+def job_usage(job: Job) -> dict:
+    return oai.usage(job.prompt_tokens, completion_tokens(job))
+
+
+def raise_for_job(job: Job) -> None:
+    if job.finish_reason == "error":
+        if job.rejected:
+            raise bad_request(job.error or "the request cannot be decoded", "invalid_value")
+        raise ApiError(500, f"decoding failed: {job.error}", "server_error", "decoding_failed")
+    if job.finish_reason == "cancelled":
+        raise _ClientGone
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (the body was read already, so the
+    next ASGI message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _parse_form(request: Request, body: bytes):
+    from starlette.formparsers import MultiPartException
+
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise bad_request("send multipart/form-data with a file field 'image' (curl -F image=@file.png)",
+                          "invalid_multipart")
+    sent = False
+
+    async def replay():  # the body was read already (with its limit); the parser reads it again
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        return await Request(request.scope, replay).form(max_files=1, max_fields=16)
+    except (MultiPartException, ValueError, KeyError) as exc:
+        raise bad_request(f"malformed multipart body: {exc}", "invalid_multipart") from None
+    except StarletteHTTPException as exc:
+        raise bad_request(f"malformed multipart body: {exc.detail}", "invalid_multipart") from None
+
+
+def _form_int(form, name: str, low: int | None) -> int | None:
+    value = form.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise bad_request(f"{name} must be an integer", "invalid_value") from None
+    if low is not None and number < low:
+        raise bad_request(f"{name} must be at least {low}", "invalid_value")
+    return number
+
+
+def _form_float(form, name: str) -> float | None:
+    value = form.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        number = float(str(value))
+    except ValueError:
+        raise bad_request(f"{name} must be a number", "invalid_value") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise bad_request(f"{name} must be a finite number", "invalid_value")
+    return number

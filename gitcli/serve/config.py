@@ -1,0 +1,73 @@
+"""Everything a running server needs to know, typed (the CLI fills it from its options)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from gitcli.config import GenerationConfig
+from gitcli.errors import GitcapError
+
+SCHEDULERS = ("continuous", "whole")
+# `gitcap caption` and `gitcap ask` stop at these by default; a server whose
+# --max-new-tokens is not given answers what they print.
+CAPTION_MAX_NEW_TOKENS = 20
+ANSWER_MAX_NEW_TOKENS = 10
+
+
+@dataclass
+class ServeConfig:
+    model_id: str = "gitcap"
+    # decoding defaults a request may override; max_new_tokens None = caption 20, answer 10
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    max_new_tokens: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 32
+    max_queue: int = 256  # requests waiting for a row; one more gets 503
+    max_image_bytes: int = 20_000_000
+    max_image_pixels: int = 40_000_000  # width * height of a decoded image
+    api_key: str | None = None
+    allow_image_urls: bool = False
+    scheduler: str = "continuous"
+    precision: str = "fp32"
+
+    def validate(self) -> None:
+        self.generation.validate()
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise GitcapError("--max-new-tokens must be at least 1")
+        if self.scheduler not in SCHEDULERS:
+            raise GitcapError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {self.scheduler!r}")
+        if self.max_batch_size < 1:
+            raise GitcapError("--max-batch-size must be at least 1")
+        if self.max_queue < 1:
+            raise GitcapError("--max-queue must be at least 1")
+        if self.max_image_bytes < 1:
+            raise GitcapError("--max-image-bytes must be at least 1")
+        if not 0 <= self.port <= 65535:
+            raise GitcapError(f"--port must be between 0 and 65535, not {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise GitcapError("--api-key is empty")
+
+    def default_max_new_tokens(self, question: str | None) -> int:
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return CAPTION_MAX_NEW_TOKENS if question is None else ANSWER_MAX_NEW_TOKENS
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to warn about before binding: anyone who reaches a non-loopback address
+    can use the model when no key is asked for."""
+    if api_key or is_loopback(host):
+        return None
+    return (f"binding {host} without --api-key: anyone who can reach this address can use the model "
+            "(set --api-key or GITCAP_API_KEY)")

@@ -1,0 +1,1 @@
+"""Helpers shared by test modules (import as `support.NAME`: tests/ is on sys.path)."""

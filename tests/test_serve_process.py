@@ -1,0 +1,157 @@
+"""A real server process: SIGTERM drains (503 for newcomers, running answers finish) and
+exits 0; `gitcap serve` prints its URL and refuses bad options in one line."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from gitcli.cli import app
+
+# The tiny preset with answers that never end early and take 20 ms a token, so a request
+# is still decoding when the signal arrives.
+SERVER = r"""
+import sys, time, torch
+from gitcli.data.synthetic import vocabulary
+from gitcli.model.captioner import build_captioner
+from gitcli.model.tiny import tiny_model_config
+from gitcli.serve.app import create_app
+from gitcli.serve.config import ServeConfig
+from gitcli.serve.server import bind, serve
+
+torch.manual_seed(0)
+model = build_captioner(tiny_model_config(), vocabulary=vocabulary()).eval()
+eos = model.tokenizer.eos_token_id
+def hook(module, args, output):
+    time.sleep(0.02)
+    output.logits[..., eos] = float("-inf")
+    return output
+model.lm.register_forward_hook(hook)
+sock = bind("127.0.0.1", 0)
+print(sock.getsockname()[1], flush=True)
+serve(create_app(model, ServeConfig(model_id="gitcap-tiny")), sock)
+print("exited cleanly", flush=True)
+"""
+
+
+def _png(scene_images) -> bytes:
+    buf = io.BytesIO()
+    scene_images[0].save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).json() == {"status": "ready"}:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the server did not become ready")
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.getcwd(), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_sigterm_stops_accepting_finishes_what_runs_and_exits_0(scene_images):
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env())
+    try:
+        url = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+        _wait_ready(url, proc)
+        png = _png(scene_images)
+        result = {}
+
+        def long_request():
+            result["r"] = httpx.post(url + "/v1/caption", files={"image": ("x.png", png, "image/png")},
+                                     data={"max_tokens": "100"}, timeout=60)  # 100 tokens x 20 ms
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while "gitcap_running_batch_size 1.0" not in httpx.get(url + "/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and health.json() == {"status": "draining"}
+        refused = httpx.post(url + "/v1/caption", files={"image": ("x.png", png, "image/png")})
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+        assert refused.json()["error"]["type"] == "server_error"
+        thread.join(timeout=30)
+        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 100
+        assert proc.wait(timeout=30) == 0
+        assert "exited cleanly" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_gitcap_serve_prints_its_url_and_exits_0_on_sigterm():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "gitcli", "serve", "--preset", "tiny", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, proc)
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "gitcap-tiny"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()
+        assert url in err and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+runner = CliRunner()
+
+
+def test_a_port_in_use_is_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--preset", "tiny", "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"port {port}" in result.output and "in use" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["--preset", "huge"], "preset"),
+    ([], "--checkpoint"),
+    (["--preset", "tiny", "--scheduler", "eager"], "--scheduler"),
+    (["--preset", "tiny", "--beams", "2", "--temperature", "0.5"], "exclusive"),
+])
+def test_bad_options_are_one_line(args, words):
+    result = runner.invoke(app, ["serve", "--port", "0", *args])
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_help_has_an_example():
+    result = runner.invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0 and "Example" in result.output and "gitcap serve" in result.output
