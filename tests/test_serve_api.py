@@ -153,7 +153,7 @@ def test_greedy_requests_arriving_while_others_decode_answer_what_each_gives_alo
             time.sleep(0.002)
 
     # answers run to their max_tokens (EOS never wins), so rows of different lengths overlap
-    with slow_endless(tiny_captioner, seconds_per_step=0.005):
+    with slow_endless(tiny_captioner, seconds_per_step=0.01):
         want = [alone(tiny_captioner, png, q, max_new_tokens=n).text for png, q, n in specs]
         done = threading.Event()
         watcher = threading.Thread(target=watch, args=(done,))
@@ -223,6 +223,8 @@ def test_bad_uploads(server, pngs, payload, status, words):
 
 def test_malformed_bodies_are_400(server, pngs):
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"[" * 60_000 + b"]" * 60_000)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/caption", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"})
     assert r.status_code == 400 and r.json()["error"]["message"]
@@ -302,3 +304,53 @@ def test_metrics_count_requests_tokens_and_latency(server, pngs):
     assert metric(server, "gitcap_time_to_first_token_seconds_count", route="/v1/caption") >= 1
     text = httpx.get(server.url + "/metrics").text
     assert "gitcap_queue_depth" in text and "gitcap_running_batch_size" in text
+
+
+def test_a_decoding_fault_is_a_500_in_the_error_shape_and_the_server_goes_on(server, pngs, tiny_captioner):
+    def broken(module, args, output):
+        raise RuntimeError("simulated device fault")
+
+    handle = tiny_captioner.lm.register_forward_hook(broken)
+    try:
+        r = httpx.post(server.url + "/v1/caption", files={"image": ("x.png", pngs[0], "image/png")})
+    finally:
+        handle.remove()
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error" and "simulated device fault" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/caption", files={"image": ("x.png", pngs[0], "image/png")})
+    assert r.status_code == 200
+
+
+def test_a_client_that_leaves_mid_upload_is_counted_as_cancelled(server, pngs):
+    import socket
+    from urllib.parse import urlparse
+
+    before = metric(server, "gitcap_requests_total", route="/v1/caption", outcome="cancelled")
+    address = urlparse(server.url)
+    with socket.create_connection((address.hostname, address.port)) as sock:
+        sock.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 5000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; "
+                     b"filename=\"x.png\"\r\n\r\n" + pngs[0][:50])
+        time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while metric(server, "gitcap_requests_total", route="/v1/caption", outcome="cancelled") == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert httpx.post(server.url + "/v1/caption", files={"image": ("x.png", pngs[0], "image/png")}).status_code == 200
+
+
+def test_the_openapi_schema_describes_the_bodies(server):
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    form = paths["/v1/ask"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image", "question"]
+    assert "messages" in paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert httpx.get(server.url + "/docs").status_code == 200
+
+
+def test_sampling_draws_afresh_unless_a_seed_is_given(client, pngs, tiny_captioner):
+    def sample(**kwargs):
+        return chat(client, pngs[2], max_tokens=20, temperature=1.5, **kwargs).choices[0].message.content
+
+    assert sample(seed=7) == sample(seed=7) == alone(tiny_captioner, pngs[2], None, max_new_tokens=20,
+                                                     temperature=1.5, seed=7).text
+    assert len({sample() for _ in range(4)}) > 1

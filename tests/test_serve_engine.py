@@ -67,14 +67,16 @@ def check_batch_state(engine):
     assert engine._cache.layers[0].keys.shape[2] == mask.shape[1]
 
 
-def test_greedy_joining_a_running_batch_is_token_for_token_what_each_image_gives_alone(tiny_captioner, image_files):
+@pytest.mark.parametrize("prefill_batch", [1, 4])
+def test_greedy_joining_a_running_batch_is_token_for_token_what_each_image_gives_alone(tiny_captioner, image_files,
+                                                                                      prefill_batch):
     configs = [GenerationConfig(max_new_tokens=n) for n in MAX_NEW]
     expected = [alone(tiny_captioner, p, q, c) for p, q, c in zip(image_files, QUESTIONS, configs)]
     assert len({len(e.token_ids) for e in expected}) > 2  # rows of different lengths leave at different steps
 
-    engine = ContinuousEngine(tiny_captioner, max_batch_size=8)
+    engine = ContinuousEngine(tiny_captioner, max_batch_size=8, max_prefill_batch=prefill_batch)
     jobs = [job_for(tiny_captioner, p, q, c) for p, q, c in zip(image_files, QUESTIONS, configs)]
-    widths = staggered(engine, jobs, arrivals=[0, 1, 1, 3, 4, 6])
+    widths = staggered(engine, jobs, arrivals=[0, 1, 1, 1, 4, 4])
 
     assert max(widths) >= 3  # newcomers really joined rows that were mid-decode
     for job, want in zip(jobs, expected):
@@ -85,14 +87,15 @@ def test_greedy_joining_a_running_batch_is_token_for_token_what_each_image_gives
         assert job.prompt_tokens > 0
 
 
-def test_sampling_per_request_seed_matches_the_cli_alone(tiny_captioner, image_files):
+@pytest.mark.parametrize("prefill_batch", [1, 4])
+def test_sampling_per_request_seed_matches_the_cli_alone(tiny_captioner, image_files, prefill_batch):
     configs = [GenerationConfig(max_new_tokens=15, temperature=t, top_p=p, seed=s)
                for t, p, s in [(1.0, 1.0, 1), (0.7, 0.9, 2), (1.3, 0.5, 3), (0.0, 1.0, 0)]]
     paths, questions = image_files[:4], QUESTIONS[:4]
     expected = [alone(tiny_captioner, p, q, c) for p, q, c in zip(paths, questions, configs)]
-    engine = ContinuousEngine(tiny_captioner)
+    engine = ContinuousEngine(tiny_captioner, max_prefill_batch=prefill_batch)
     jobs = [job_for(tiny_captioner, p, q, c) for p, q, c in zip(paths, questions, configs)]
-    staggered(engine, jobs, arrivals=[0, 2, 2, 5])
+    staggered(engine, jobs, arrivals=[0, 2, 2, 2])
     assert [j.tokens for j in jobs] == [e.token_ids for e in expected]
 
 
@@ -108,10 +111,11 @@ def test_beam_requests_are_decoded_as_a_group_between_steps(tiny_captioner, imag
     assert [j.tokens for j in jobs] == [e.token_ids for e in expected]
 
 
-def test_cancelled_and_failing_jobs_leave_alone_and_the_others_complete(tiny_captioner, image_files):
+@pytest.mark.parametrize("prefill_batch", [1, 4])
+def test_cancelled_and_failing_jobs_leave_alone_and_the_others_complete(tiny_captioner, image_files, prefill_batch):
     config = GenerationConfig(max_new_tokens=20)
     expected = [alone(tiny_captioner, p, None, config) for p in image_files[:3]]
-    engine = ContinuousEngine(tiny_captioner)
+    engine = ContinuousEngine(tiny_captioner, max_prefill_batch=prefill_batch)
     good = [job_for(tiny_captioner, p, None, config) for p in image_files[:3]]
     broken = Job(torch.zeros(3, 5, 5), "", config)  # not the tower's input size: its prefill fails
     finished = []

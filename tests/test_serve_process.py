@@ -155,3 +155,57 @@ def test_bad_options_are_one_line(args, words):
 def test_help_has_an_example():
     result = runner.invoke(app, ["serve", "--help"])
     assert result.exit_code == 0 and "Example" in result.output and "gitcap serve" in result.output
+
+
+def test_health_says_loading_until_the_model_is_loaded(tiny_captioner, scene_images):
+    from support.serve_fixtures import running_server
+
+    release = threading.Event()
+
+    def load():
+        release.wait(30)
+        return tiny_captioner, None
+
+    png = _png(scene_images)
+    with running_server(None, load=load) as server:
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 503 and health.json() == {"status": "loading"}
+        refused = httpx.post(server.url + "/v1/caption", files={"image": ("x.png", png, "image/png")})
+        assert refused.status_code == 503 and refused.headers["Retry-After"] and "loading" in refused.text
+        release.set()
+        deadline = time.monotonic() + 10
+        while httpx.get(server.url + "/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = httpx.post(server.url + "/v1/caption", files={"image": ("x.png", png, "image/png")})
+        assert r.status_code == 200 and isinstance(r.json()["caption"], str)
+
+
+def test_a_checkpoint_that_fails_to_load_is_one_error_line_after_the_url(tiny_checkpoint, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    result = runner.invoke(app, ["serve", "--checkpoint", str(broken), "--port", "0"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert "serving at http://127.0.0.1:" in lines[0] and "broken" in lines[0]
+    assert lines[-1].startswith("error:") and "Traceback" not in result.output
+
+
+def test_the_whole_batch_scheduler_serves_the_same_answers(tiny_captioner, scene_images):
+    """--scheduler whole (the benchmark's baseline) runs the same engine, admitting only into
+    an empty batch; it answers the same text."""
+    from support.serve_fixtures import running_server
+
+    png = _png(scene_images)
+    answers = []
+    for scheduler in ("whole", "continuous"):
+        with running_server(tiny_captioner, scheduler=scheduler) as server:
+            assert server.scheduler.engine.mode == scheduler
+            r = httpx.post(server.url + "/v1/caption", files={"image": ("x.png", png, "image/png")})
+            assert r.status_code == 200
+            answers.append(r.json()["caption"])
+    assert answers[0] == answers[1]

@@ -137,3 +137,33 @@ def test_queue_full_and_draining_are_503_with_retry_after(tiny_captioner):
     for error in asyncio.run(scenario()):
         assert error.status == 503 and "Retry-After" in error.headers
     assert scheduler.queue_depth == 2
+
+
+def test_an_allowed_image_url_is_fetched_and_captioned(server, loopback_image_host, png, tiny_captioner, monkeypatch):
+    """With the address policy opened for this test (its image host is on loopback), the
+    URL's image is what gets captioned; a body over the byte limit is 413."""
+    import pathlib
+    import tempfile
+
+    import torch
+
+    from gitcli.config import GenerationConfig
+    from gitcli.fetch.policy import AddressPolicy
+    from gitcli.infer import run_on_images
+
+    monkeypatch.setattr(AddressPolicy, "allows", lambda self, ip: True)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server.url + "/v1/chat/completions", headers=headers, json={"messages": message(loopback_image_host)})
+    assert r.status_code == 200, r.text
+    path = pathlib.Path(tempfile.mkdtemp()) / "scene.png"
+    path.write_bytes(png)
+    [want] = run_on_images(tiny_captioner, torch.device("cpu"), "fp32", [path], [None], GenerationConfig(), 1)
+    assert r.json()["choices"][0]["message"]["content"] == want.generation.text
+
+    server.app.state.config.max_image_bytes = len(png) - 1
+    try:
+        r = httpx.post(server.url + "/v1/chat/completions", headers=headers,
+                       json={"messages": message(loopback_image_host)})
+    finally:
+        server.app.state.config.max_image_bytes = 10_000
+    assert r.status_code == 413

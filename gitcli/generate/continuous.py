@@ -5,7 +5,10 @@ would sit behind a long answer. Here every decoding step is one token for each r
 row, and between two steps
 - a newcomer is prefilled alone (image prefix + prompt, exactly the one-image batch of
   `gitcap caption`), picks its first token from that prefill, and its KV cache is merged
-  into the running batch, left-padded to the batch's length;
+  into the running batch, left-padded to the batch's length. With `max_prefill_batch` > 1,
+  newcomers that arrive together and whose prompts have one length are prefilled as one
+  batch without padding (the image tower dominates a prefill, so a burst of arrivals
+  costs little more than one); their rows then join the batch the same way;
 - a row that emitted EOS, reached its own `max_new_tokens`, was cancelled or failed leaves
   at once, and columns of padding that no remaining row needs are trimmed off the left.
 Positions are kept per row, so padding never shifts a row's positions: greedy decoding is
@@ -93,15 +96,16 @@ class _Decoder:
         self.tokenizer = captioner.tokenizer
         self.eos = self.tokenizer.eos_token_id
 
-    def prefill(self, pixel_values: torch.Tensor, prompt: str):
-        """One image alone, as `generate` runs a one-image batch.
-        -> (cache, mask (1, T), next position (1, 1), logits (1, V))."""
+    def prefill(self, pixel_values: torch.Tensor, prompts: list[str]):
+        """Images (N, 3, H, W) with their prompts, as `generate` prefills a batch (one image:
+        exactly `gitcap caption` on one image).
+        -> (cache, mask (N, T), next position (N, 1), logits (N, V))."""
         from gitcli.data.text import encode_prompts
         from gitcli.generate.decode import _new_cache, _step
 
         device = self.captioner.device
-        prefix = self.captioner.image_prefix(pixel_values[None].to(device))  # (1, P, D)
-        ids, mask = encode_prompts(self.tokenizer, [prompt])
+        prefix = self.captioner.image_prefix(pixel_values.to(device))  # (N, P, D)
+        ids, mask = encode_prompts(self.tokenizer, prompts)
         embeds, mask, positions = self.captioner.join(prefix, ids.to(device), mask.to(device), left_pad=True)
         cache = _new_cache(self.lm)
         logits = _step(self.lm, cache, mask, positions, embeds=embeds)
@@ -179,15 +183,16 @@ class ContinuousEngine:
     """Iteration-level batched decoding over one captioner (see the module docstring)."""
 
     def __init__(self, captioner, *, device: torch.device | None = None, precision: str = "fp32",
-                 max_batch_size: int = 32, mode: str = "continuous"):
+                 max_batch_size: int = 32, mode: str = "continuous", max_prefill_batch: int = 1):
         if mode not in ENGINE_MODES:
             raise ValueError(f"mode must be one of {ENGINE_MODES}, not {mode!r}")
-        if max_batch_size < 1:
-            raise ValueError("max_batch_size must be at least 1")
+        if max_batch_size < 1 or max_prefill_batch < 1:
+            raise ValueError("max_batch_size and max_prefill_batch must be at least 1")
         self.decoder = _Decoder(captioner)
         self.device = device or captioner.device
         self.precision = precision
         self.max_batch_size = max_batch_size
+        self.max_prefill_batch = max_prefill_batch
         self.mode = mode
         self.context_length = _context_length(captioner.lm)
         self._lock = threading.Lock()
@@ -199,6 +204,7 @@ class ContinuousEngine:
         self._positions: torch.Tensor | None = None  # (R, 1) the next position of each row
         self._tokens: torch.Tensor | None = None  # (R,) the token each row feeds next
         self._prefix_positions: int | None = None
+        self._stepping = False
 
     # ---- from any thread --------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -215,7 +221,8 @@ class ContinuousEngine:
         return len(self._rows)
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or bool(self._rows)
+        # _stepping covers jobs taken from the queue but not yet rows (their prefill runs)
+        return bool(self._waiting) or bool(self._rows) or self._stepping
 
     # ---- on the engine's thread ---------------------------------------------------
     @torch.no_grad()
@@ -223,13 +230,17 @@ class ContinuousEngine:
         """Admit newcomers, decode one beam group if one waits, then one token per running row."""
         from gitcli.dist import autocast
 
-        with autocast(self.precision, self.device):
-            self._drop_cancelled()
-            beam_jobs = self._admit()
-            if beam_jobs:
-                self._run_beam_group(beam_jobs)
-            if self._rows:
-                self._decode_one()
+        self._stepping = True
+        try:
+            with autocast(self.precision, self.device):
+                self._drop_cancelled()
+                beam_jobs = self._admit()
+                if beam_jobs:
+                    self._run_beam_group(beam_jobs)
+                if self._rows:
+                    self._decode_one()
+        finally:
+            self._stepping = False
 
     def fail_all(self, exc: BaseException) -> None:
         """End every waiting and running job with `exc` (a fault outside any one job)."""
@@ -250,10 +261,12 @@ class ContinuousEngine:
             return []
         beam_jobs: list[Job] = []
         beam_key = None
+        newcomers: list[Job] = []
         skipped: list[Job] = []
         while True:
             with self._lock:
-                if not self._waiting or len(self._rows) + len(beam_jobs) >= self.max_batch_size:
+                taken = len(self._rows) + len(beam_jobs) + len(newcomers)
+                if not self._waiting or taken >= self.max_batch_size:
                     break
                 job = self._waiting.popleft()
             if job.cancelled:
@@ -266,33 +279,70 @@ class ContinuousEngine:
                 else:
                     skipped.append(job)  # another group: a later step
             else:
-                self._start(job)
+                newcomers.append(job)
         if skipped:
             with self._lock:
                 self._waiting.extendleft(reversed(skipped))
+        for group in self._prefill_groups(newcomers):
+            self._start(group)
         return beam_jobs
 
-    def _start(self, job: Job) -> None:
-        """Prefill one job alone, pick its first token, and merge it into the batch."""
+    def _prefill_groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """Newcomers prefilled together: at most `max_prefill_batch`, all with prompts of
+        one length (no padding inside a prefill). With 1, each is prefilled alone."""
+        if self.max_prefill_batch == 1:
+            return [[job] for job in jobs]
+        by_length: dict[int, list[Job]] = {}
+        for job in jobs:
+            try:
+                length = self.decoder.prompt_length(job.prompt)
+            except Exception:
+                length = -1 - len(by_length)  # its own group: it fails alone in its prefill
+            by_length.setdefault(length, []).append(job)
+        size = self.max_prefill_batch
+        return [group[i:i + size] for group in by_length.values() for i in range(0, len(group), size)]
+
+    def _start(self, jobs: list[Job]) -> None:
+        """Prefill jobs (one, or several with prompts of one length), pick their first
+        tokens, and merge the rows that go on into the running batch."""
         try:
-            cache, mask, positions, logits = self.decoder.prefill(job.pixel_values, job.prompt)
-            job.prompt_tokens = int(mask.shape[1])
-            limit = self.context_length
-            if limit is not None and job.prompt_tokens + job.config.max_new_tokens > limit:
-                raise JobRejected(f"the image and prompt take {job.prompt_tokens} positions; with "
-                                  f"{job.config.max_new_tokens} new tokens that is over the model's "
-                                  f"{limit}")
-            generator = None
-            if job.config.sampling:
-                generator = torch.Generator(device=logits.device).manual_seed(job.config.seed)
-            token = int(self.decoder.pick(logits, job.config, generator)[0])
-        except Exception as exc:  # this job fails alone; the batch is untouched
-            self._fail(job, exc)
+            pixels = torch.stack([job.pixel_values for job in jobs])
+            cache, mask, positions, logits = self.decoder.prefill(pixels, [job.prompt for job in jobs])
+        except Exception as exc:
+            if len(jobs) > 1:  # which job broke the group is unknown: each again alone
+                for job in jobs:
+                    self._start([job])
+            else:  # this job fails alone; the batch is untouched
+                self._fail(jobs[0], exc)
             return
-        row = _Row(job, generator)
-        if self._emit(row, token):
-            return  # ended on its first token: it never joins the batch
-        token_t = torch.tensor([token], device=positions.device)
+        rows, kept, tokens = [], [], []
+        for i, job in enumerate(jobs):
+            job.prompt_tokens = int(mask.shape[1])
+            try:
+                limit = self.context_length
+                if limit is not None and job.prompt_tokens + job.config.max_new_tokens > limit:
+                    raise JobRejected(f"the image and prompt take {job.prompt_tokens} positions; with "
+                                      f"{job.config.max_new_tokens} new tokens that is over the model's "
+                                      f"{limit}")
+                generator = None
+                if job.config.sampling:
+                    generator = torch.Generator(device=logits.device).manual_seed(job.config.seed)
+                token = int(self.decoder.pick(logits[i:i + 1], job.config, generator)[0])
+            except Exception as exc:
+                self._fail(job, exc)
+                continue
+            row = _Row(job, generator)
+            if not self._emit(row, token):  # a row that ended on its first token never joins
+                rows.append(row)
+                kept.append(i)
+                tokens.append(token)
+        if not rows:
+            return
+        if len(kept) < len(jobs):
+            index = torch.tensor(kept, device=mask.device)
+            cache.batch_select_indices(index)
+            mask, positions = mask[index], positions[index]
+        token_t = torch.tensor(tokens, device=positions.device)
         if not self._rows:
             self._cache, self._mask, self._positions, self._tokens = cache, mask, positions, token_t
         else:
@@ -302,7 +352,7 @@ class ContinuousEngine:
             self._mask = torch.cat([F.pad(self._mask, (pad_batch, 0)), F.pad(mask, (pad_new, 0))], dim=0)
             self._positions = torch.cat([self._positions, positions], dim=0)
             self._tokens = torch.cat([self._tokens, token_t], dim=0)
-        self._rows.append(row)
+        self._rows.extend(rows)
 
     # ---- one step of the running batch ---------------------------------------------
     def _decode_one(self) -> None:

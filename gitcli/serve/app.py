@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import secrets
+import sys
 import time
+import traceback
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -19,6 +22,7 @@ from typing import Awaitable, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gitcli import __version__
 from gitcli.errors import GitcapError
@@ -40,6 +44,12 @@ class _ClientGone(Exception):
 
 
 @dataclasses.dataclass
+class _Model:
+    captioner: object = None
+    transform: Callable | None = None
+
+
+@dataclasses.dataclass
 class _Options:
     max_tokens: int | None = None
     temperature: float | None = None
@@ -48,26 +58,52 @@ class _Options:
     seed: int | None = None
 
 
-def create_app(captioner, config: ServeConfig, *, device=None,
-               on_ready: Callable[[], None] | None = None) -> FastAPI:
-    """An app serving `captioner`; its engine thread starts and stops with the app's lifespan."""
+def create_app(captioner, config: ServeConfig, *, device=None, on_ready: Callable[[], None] | None = None,
+               load: Callable[[], tuple] | None = None,
+               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """An app serving `captioner`; its engine thread starts and stops with the app's lifespan.
+
+    With `load` (and `captioner` None) the model is loaded in a thread once the server is
+    up: /health says "loading" and model routes answer 503 until `load()` returns
+    (captioner, device); a failure goes to `on_load_error`.
+    """
     from gitcli.data.text import prompt_text
 
     config.validate()
-    engine = ContinuousEngine(captioner, device=device, precision=config.precision,
-                              max_batch_size=config.max_batch_size, mode=config.scheduler)
-    scheduler = Scheduler(engine, config.max_queue)
+    if (captioner is None) == (load is None):
+        raise ValueError("give a captioner or a load function, not both")
+    scheduler = Scheduler(max_queue=config.max_queue)
     metrics = Metrics()
     metrics.watch(lambda: scheduler.queue_depth, lambda: scheduler.running)
-    transform = captioner.image_transform()
+    model = _Model()
     created = int(time.time())
+
+    def start(captioner, device) -> None:
+        model.captioner, model.transform = captioner, captioner.image_transform()
+        scheduler.start(ContinuousEngine(captioner, device=device, precision=config.precision,
+                                         max_batch_size=config.max_batch_size, mode=config.scheduler,
+                                         max_prefill_batch=config.prefill_batch))
+        if on_ready is not None:
+            on_ready()
+
+    async def load_then_start() -> None:
+        try:
+            start(*await asyncio.to_thread(load))
+        except Exception as exc:
+            if on_load_error is None:
+                raise
+            on_load_error(exc)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
-        if on_ready is not None:
-            on_ready()
+        loading = None
+        if load is None:
+            start(captioner, device)
+        else:
+            loading = asyncio.create_task(load_then_start())
         yield
+        if loading is not None and not loading.done():
+            loading.cancel()
         scheduler.stop()
 
     app = FastAPI(title="gitcap", version=__version__, lifespan=lifespan,
@@ -95,8 +131,12 @@ def create_app(captioner, config: ServeConfig, *, device=None,
             response = await handler(request, start)
         except ApiError as exc:
             response = error_response(exc)
-        except _ClientGone:
+        except (_ClientGone, ClientDisconnect):  # the client left (while uploading, or waiting)
             response = Response(status_code=CLIENT_GONE)
+        except Exception as exc:  # a fault of the server: logged, and answered in the one error shape
+            traceback.print_exc(file=sys.stderr)
+            response = error_response(ApiError(500, f"internal error: {type(exc).__name__}", "server_error",
+                                               "internal_error"))
         if not getattr(request.state, "counted", False):
             metrics.requests.labels(route, outcome(response.status_code)).inc()
         return response
@@ -114,7 +154,7 @@ def create_app(captioner, config: ServeConfig, *, device=None,
 
     async def pixels_from(data: bytes):
         def prepare():
-            return transform(decode_image(data, config.max_image_pixels))
+            return model.transform(decode_image(data, config.max_image_pixels))
 
         return await asyncio.to_thread(prepare)  # decoding a large image must not stall the loop
 
@@ -128,18 +168,19 @@ def create_app(captioner, config: ServeConfig, *, device=None,
             top_p=gen.top_p if options.top_p is None else options.top_p,
             # a request that asks for sampling is not held to the server's default beam width
             beams=options.beams if options.beams is not None else (1 if sampling else gen.beams),
-            seed=gen.seed if options.seed is None else options.seed,
+            seed=options.seed if options.seed is not None else (
+                config.seed if config.seed is not None else secrets.randbits(31)),
         )
         try:
             gen.validate()
         except GitcapError as exc:
             raise bad_request(str(exc).replace("--max-new-tokens", "max_tokens").replace("--", ""),
                               "invalid_value") from None
-        return Job(pixels, prompt_text(captioner.config, question), gen)
+        return Job(pixels, prompt_text(model.captioner.config, question), gen)
 
-    async def run(request: Request, job: Job, start: float, route: str, stream_text: bool = False) -> Ticket:
+    def run(job: Job, start: float, route: str, stream_text: bool = False) -> Ticket:
         ticket = scheduler.submit(job, stream_text=stream_text)
-        ticket.route, ticket.start = route, start
+        ticket.route, ticket.start = route, start  # latency counts from the request's arrival
         return ticket
 
     def record(ticket: Ticket) -> None:
@@ -198,6 +239,7 @@ def create_app(captioner, config: ServeConfig, *, device=None,
         return await answer(request, "/v1/models", handler)
 
     async def form_request(request: Request, with_question: bool):
+        scheduler.check_open()
         body = await read_body(request, config.max_image_bytes + FORM_OVERHEAD)
         form = await _parse_form(request, body)
         upload = form.get("image")
@@ -217,30 +259,31 @@ def create_app(captioner, config: ServeConfig, *, device=None,
                            seed=_form_int(form, "seed", None))
         return make_job(await pixels_from(data), question, options), question
 
-    @app.post("/v1/caption")
+    @app.post("/v1/caption", openapi_extra=_form_schema(question=False))
     async def caption(request: Request):
         async def handler(request: Request, start: float):
             job, _ = await form_request(request, with_question=False)
-            job = await finished(request, await run(request, job, start, "/v1/caption"))
+            job = await finished(request, run(job, start, "/v1/caption"))
             return JSONResponse({"caption": job.text, "model": config.model_id, "usage": job_usage(job)})
 
         return await answer(request, "/v1/caption", handler)
 
-    @app.post("/v1/ask")
+    @app.post("/v1/ask", openapi_extra=_form_schema(question=True))
     async def ask(request: Request):
         async def handler(request: Request, start: float):
             job, question = await form_request(request, with_question=True)
-            job = await finished(request, await run(request, job, start, "/v1/ask"))
+            job = await finished(request, run(job, start, "/v1/ask"))
             return JSONResponse({"question": question, "answer": job.text, "model": config.model_id,
                                  "usage": job_usage(job)})
 
         return await answer(request, "/v1/ask", handler)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_SCHEMA)
     async def chat(request: Request):
         route = "/v1/chat/completions"
 
         async def handler(request: Request, start: float):
+            scheduler.check_open()
             # a base64 data: URL is 4/3 of the image's size
             body = await read_body(request, config.max_image_bytes * 4 // 3 + FORM_OVERHEAD)
             chat_request = oai.parse_chat(oai.parse_json(body))
@@ -248,7 +291,7 @@ def create_app(captioner, config: ServeConfig, *, device=None,
             options = _Options(max_tokens=chat_request.max_tokens, temperature=chat_request.temperature,
                                top_p=chat_request.top_p, seed=chat_request.seed)
             job = make_job(await pixels_from(data), chat_request.question, options)
-            ticket = await run(request, job, start, route, stream_text=chat_request.stream)
+            ticket = run(job, start, route, stream_text=chat_request.stream)
             if chat_request.stream:
                 request.state.counted = True  # the stream counts its own outcome when it ends
                 return StreamingResponse(stream(ticket, chat_request.include_usage), media_type="text/event-stream",
@@ -297,6 +340,32 @@ def create_app(captioner, config: ServeConfig, *, device=None,
             metrics.requests.labels(ticket.route, outcome(status)).inc()
 
     return app
+
+
+# ---- the request bodies, for /docs (they are parsed by hand, with limits) ------------
+def _form_schema(question: bool) -> dict:
+    fields = {"image": {"type": "string", "format": "binary", "description": "the image file"},
+              "max_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0},
+              "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+              "beams": {"type": "integer", "minimum": 1}, "seed": {"type": "integer"}}
+    required = ["image"]
+    if question:
+        fields["question"] = {"type": "string"}
+        required.append("question")
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": required, "properties": fields}}}}}
+
+
+CHAT_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "maxItems": 1, "description":
+                     "one user message: content parts are one image_url (a data: URL) and optional text "
+                     "(a question; none = caption)", "items": {"type": "object"}},
+        "max_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0},
+        "top_p": {"type": "number"}, "seed": {"type": "integer"}, "stream": {"type": "boolean"},
+        "stream_options": {"type": "object"}}}}}}}
 
 
 # ---- helpers ---------------------------------------------------------------------

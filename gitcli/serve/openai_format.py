@@ -37,6 +37,8 @@ def parse_json(body: bytes) -> dict:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad_request(f"the body is not valid JSON: {exc}", "invalid_json") from None
+    except RecursionError:
+        raise bad_request("the body's JSON is nested too deeply", "invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object", "invalid_json")
     return data

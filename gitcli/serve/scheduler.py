@@ -39,8 +39,11 @@ class Ticket:
 
     # engine thread
     def _on_token(self, job: Job, token: int) -> None:
-        delta = self.deltas.delta(job.tokens) if self.deltas is not None else ""
-        self._post(("token", token, delta))
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+        if self.deltas is None:
+            return  # nobody reads single tokens: the loop is woken once, at the end
+        self._post(("token", token, self.deltas.delta(job.tokens)))
 
     def _on_finish(self, job: Job) -> None:
         self._post(("done", None, ""))
@@ -53,14 +56,12 @@ class Ticket:
 
     # event loop
     async def events(self):
-        """Yields (token id, text delta) per token; returns when the job has ended
-        (`self.job` is final then). The delta is "" unless the ticket streams text."""
+        """Yields (token id, text delta) per token of a streaming ticket (nothing for the
+        others); returns when the job has ended (`self.job` is final then)."""
         while True:
             kind, token, delta = await self._events.get()
             if kind == "done":
                 return
-            if self.first_token is None:
-                self.first_token = time.perf_counter()
             yield token, delta
 
     async def text_events(self):
@@ -79,7 +80,10 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, engine: ContinuousEngine, max_queue: int):
+    """Loading until `start` is given the engine (the model loads while the server answers
+    /health), then ready, then draining."""
+
+    def __init__(self, engine: ContinuousEngine | None = None, max_queue: int = 256):
         self.engine = engine
         self.max_queue = max_queue
         self.state = LOADING
@@ -87,10 +91,13 @@ class Scheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    def start(self, engine: ContinuousEngine | None = None) -> None:
+        if engine is not None:
+            self.engine = engine
         self._thread = threading.Thread(target=self._run, name="gitcap-engine", daemon=True)
         self._thread.start()
-        self.state = READY
+        if self.state == LOADING:  # a drain that came while loading stays a drain
+            self.state = READY
 
     def stop(self) -> None:
         with self._cond:
@@ -104,7 +111,7 @@ class Scheduler:
         self.state = DRAINING
 
     def idle(self) -> bool:
-        return not self.engine.has_work()
+        return self.engine is None or not self.engine.has_work()
 
     def wait_idle(self, poll: float = 0.05) -> None:
         while not self.idle():
@@ -112,16 +119,20 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return self.engine.waiting
+        return self.engine.waiting if self.engine is not None else 0
 
     @property
     def running(self) -> int:
-        return self.engine.running
+        return self.engine.running if self.engine is not None else 0
+
+    def check_open(self) -> None:
+        """503 unless new requests are taken (loading or draining)."""
+        if self.state != READY:
+            raise overloaded(f"the server is {self.state}; try again later", retry_after=5)
 
     def submit(self, job: Job, stream_text: bool = False) -> Ticket:
         """Hand a job to the engine (from the event loop); 503 when draining or full."""
-        if self.state != READY:
-            raise overloaded(f"the server is {self.state}; try again later", retry_after=5)
+        self.check_open()
         if self.engine.waiting >= self.max_queue:
             raise overloaded(f"the queue is full ({self.max_queue} requests waiting); try again shortly")
         decode = self.engine.decoder.text if stream_text else None

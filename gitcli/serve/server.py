@@ -64,6 +64,7 @@ def serve(app, sock: socket.socket, *, log_level: str = "warning") -> None:
     config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=None,
                             access_log=False)
     server = DrainingServer(config, app.state.scheduler)
+    app.state.server = server  # so a failed model load can stop it
     server.run(sockets=[sock])
 
 

@@ -40,7 +40,9 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(captioner, **options):
+def running_server(captioner, *, load=None, on_load_error=None, **options):
+    """`captioner` behind a server on a free loopback port (or None and `load`, which runs
+    once the server is up, as `gitcap serve` loads its model); `options` are ServeConfig's."""
     import uvicorn
 
     from gitcli.serve.app import create_app
@@ -48,7 +50,7 @@ def running_server(captioner, **options):
     from gitcli.serve.server import bind
 
     options.setdefault("model_id", TINY_MODEL_ID)
-    app = create_app(captioner, ServeConfig(**options))
+    app = create_app(captioner, ServeConfig(**options), load=load, on_load_error=on_load_error)
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
