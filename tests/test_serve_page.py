@@ -86,12 +86,13 @@ def _set_viewport_width(driver, width: int, height: int = 844) -> None:
 @pytest.fixture
 def keyed_server(tiny_captioner):
     """The tiny captioner (or GITCAP_PAGE_CHECKPOINT) behind a real server that wants an API key."""
-    captioner = tiny_captioner
+    captioner, options = tiny_captioner, {}
     if os.environ.get("GITCAP_PAGE_CHECKPOINT"):
         from gitcli.model.checkpoint import load_checkpoint
 
-        captioner = load_checkpoint(Path(os.environ["GITCAP_PAGE_CHECKPOINT"])).eval()
-    with running_server(captioner, api_key=API_KEY) as server:
+        checkpoint = Path(os.environ["GITCAP_PAGE_CHECKPOINT"]).resolve()
+        captioner, options["model_id"] = load_checkpoint(checkpoint).eval(), checkpoint.name
+    with running_server(captioner, api_key=API_KEY, **options) as server:
         yield server
 
 
