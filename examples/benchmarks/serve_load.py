@@ -562,7 +562,7 @@ def main() -> None:
     parser.add_argument("--soak-minutes", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true", help="a short smoke run of each scenario")
     args = parser.parse_args()
-    if not (args.checkpoint / "gitcap.json").exists():
+    if not any((args.checkpoint / name).exists() for name in ("gitcap.json", "latest")):  # a checkpoint or a run
         raise SystemExit(f"no checkpoint at {args.checkpoint}: create the demo one with `gitcap demo` "
                          f"(about 3 minutes on a 2-core CPU), or pass --checkpoint DIR")
     chosen = [name for name in ("batching", "lone", "mixed", "soak") if getattr(args, name)]
