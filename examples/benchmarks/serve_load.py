@@ -248,9 +248,13 @@ async def post(http: httpx.AsyncClient, kind: str, path: str, **kwargs) -> Resul
     return Result(kind, 200, latency, tokens=(data.get("usage") or {}).get("completion_tokens", 0), text=text)
 
 
+CLIENT_CPU: list[float] = []  # the load generator's share of one core, per closed_loop run
+
+
 async def closed_loop(url: str, clients: int, total: int, make_request) -> tuple[list[Result], float]:
     """`clients` concurrent clients, each sending its next request when the last one answered,
-    until `total` requests have been sent. Returns the results and the wall time."""
+    until `total` requests have been sent. Returns the results and the wall time; the
+    client's own CPU time (it shares the machine with the server) goes to CLIENT_CPU."""
     counter = iter(range(total))
     results: list[Result] = []
     async with client(url, clients) as http:
@@ -258,9 +262,11 @@ async def closed_loop(url: str, clients: int, total: int, make_request) -> tuple
             for i in counter:
                 results.append(await make_request(http, i))
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(one_client() for _ in range(clients)))
-        return results, time.perf_counter() - start
+        wall = time.perf_counter() - start
+        CLIENT_CPU.append((time.process_time() - cpu) / wall)
+        return results, wall
 
 
 def warm_up(url: str, items: list[Scene], clients: int) -> None:
@@ -290,13 +296,13 @@ def load_row(name: str, results: list[Result], wall: float) -> list[str]:
     return [name, str(len(ok)), f"{len(results) - len(ok)}", f"{len(ok) / wall:.1f}",
             f"{sum(r.tokens for r in ok) / wall:.0f}",
             ms(percentile(latencies, 50)), ms(percentile(latencies, 95)), ms(percentile(latencies, 99)),
-            ms(percentile(ttfts, 50)), ms(percentile(ttfts, 95))]
+            ms(percentile(ttfts, 50)), ms(percentile(ttfts, 95)), f"{CLIENT_CPU[-1]:.0%}"]
 
 
 def load_table(title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for column in ("server", "ok", "failed", "req/s", "tokens/s", "p50 ms", "p95 ms", "p99 ms",
-                   "TTFT p50 ms", "TTFT p95 ms"):
+                   "TTFT p50 ms", "TTFT p95 ms", "client CPU"):
         table.add_column(column, justify="left" if column == "server" else "right")
     return table
 
@@ -398,7 +404,7 @@ def scenario_mixed(checkpoint: Path, items: list[Scene], quick: bool) -> None:
     table = Table(title=f"(c) {clients} clients, {total} streamed captions, half max_tokens 4 and half 40",
                   title_justify="left")
     for column in ("scheduler", "req/s", "short p50 ms", "short p95 ms", "long p50 ms", "long p95 ms",
-                   "TTFT p95 ms"):
+                   "TTFT p95 ms", "client CPU"):
         table.add_column(column, justify="left" if column == "scheduler" else "right")
     p95 = {}
     for scheduler in ("continuous", "whole"):
@@ -411,7 +417,7 @@ def scenario_mixed(checkpoint: Path, items: list[Scene], quick: bool) -> None:
         p95[scheduler] = percentile(short, 95)
         table.add_row(scheduler, f"{len(ok) / wall:.1f}", ms(percentile(short, 50)), ms(p95[scheduler]),
                       ms(percentile(long, 50)), ms(percentile(long, 95)),
-                      ms(percentile([r.ttft for r in ok if r.ttft], 95)))
+                      ms(percentile([r.ttft for r in ok if r.ttft], 95)), f"{CLIENT_CPU[-1]:.0%}")
         if len(ok) != len(results):
             console.print(f"[red]{len(results) - len(ok)} requests failed under --scheduler {scheduler}[/red]")
     console.print(table)
