@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.fetch import LoopbackServer, check_dataset, image_bytes, status_by_key, write_tsv
+from support.fetch import check_dataset, image_bytes, status_by_key, write_tsv
+from support.fetch import server  # noqa: F401  (a fixture)
 
 from gitcli.fetch import FetchConfig, fetch
 from gitcli.fetch.report import nothing_fetched
@@ -16,13 +17,6 @@ from gitcli.formats.images import ImageSettings
 from gitcli.formats.shards import complete_shards, read_stats
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def server():
-    s = LoopbackServer("127.0.0.1")
-    yield s
-    s.close()
 
 
 def run(tmp_path: Path, tsv: Path, **options):

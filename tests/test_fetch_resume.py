@@ -11,20 +11,14 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from support.fetch import LoopbackServer, check_dataset, image_bytes, status_by_key, write_tsv
+from support.fetch import check_dataset, image_bytes, status_by_key, write_tsv
+from support.fetch import server  # noqa: F401  (a fixture)
 
 from gitcli.fetch import FetchConfig, fetch
 from gitcli.formats.images import ImageSettings
 from gitcli.formats.shards import complete_shards, iter_samples, read_stats
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def server():
-    s = LoopbackServer("127.0.0.1")
-    yield s
-    s.close()
 
 
 def config(tmp_path: Path, tsv: Path, **options) -> FetchConfig:

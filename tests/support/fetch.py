@@ -13,6 +13,8 @@ import tarfile
 import threading
 import time
 import zlib
+
+import pytest
 from collections import Counter
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -139,3 +141,11 @@ def check_dataset(out: Path, n_rows: int, shard_size: int = 4) -> None:
     assert not list(out.glob(".*.tmp-*"))
     overall = json.loads((out / "stats.json").read_text())
     assert overall["rows"] == n_rows and overall["ok"] == overall_ok
+
+
+@pytest.fixture
+def server():
+    """A loopback image server for one test (the fetch tests' `server` fixture)."""
+    s = LoopbackServer("127.0.0.1")
+    yield s
+    s.close()
