@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from gitcli.cli.common import BatchSizeOpt, DeviceOpt, DtypeOpt, PrecisionOpt, PresetOpt, SeedOpt, out_console, user_errors
+from gitcli.cli.common import (BatchSizeOpt, DeviceOpt, DtypeOpt, PrecisionOpt, PresetOpt, SeedOpt, given_on_command_line,
+                               out_console, user_errors)
 from gitcli.cli.model_options import (GridOpt, Int8Opt, LmOpt, LoraOpt, MappingOpt, PrefixLengthOpt, TrainLmOpt,
                                       TrainVisionOpt, VisionOpt,
                                       VisionPretrainedOpt, model_config_from_options)
@@ -33,7 +34,6 @@ OPTION_FIELDS = {
 
 @user_errors
 def train(
-    ctx: typer.Context,
     data: Annotated[Optional[str], typer.Option("--data", help="Required for a new run: synthetic (the built-in set); a folder/pattern of fetch shards; a CC TSV (+ --image-root); a GIT image TSV (+ --captions); VQA images (+ --questions --annotations). On --resume, the run's own.", show_default=False)] = None,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Run directory.")] = Path("runs/gitcap"),
     preset: PresetOpt = None,
@@ -125,7 +125,7 @@ def train(
         offload=offload, deepspeed_config=str(deepspeed_config) if deepspeed_config else None, report_to=report_to,
         cache_features=opt(cache_features), bucket_by_length=bucket_by_length, compile=compile)
     if resume:
-        model_cfg, data_cfg, train_cfg = _resumed_configs(ctx, output_dir, model_cfg, data_cfg, train_cfg)
+        model_cfg, data_cfg, train_cfg = _resumed_configs(output_dir, model_cfg, data_cfg, train_cfg)
     if dry_run:
         from gitcli.cli.dry_run import print_dry_run
 
@@ -156,7 +156,7 @@ def train(
     out_console.print(table)  # the result: stdout (progress and messages went to stderr)
 
 
-def _resumed_configs(ctx: typer.Context, output_dir: Path, model_cfg, data_cfg, train_cfg):
+def _resumed_configs(output_dir: Path, model_cfg, data_cfg, train_cfg):
     """The saved configs of the run being resumed, with the options given again applied
     (refused in one line where they disagree); the given configs when there is no run."""
     from gitcli.model.checkpoint import LATEST_FILE
@@ -165,9 +165,9 @@ def _resumed_configs(ctx: typer.Context, output_dir: Path, model_cfg, data_cfg, 
     if not (output_dir / LATEST_FILE).is_file():
         return model_cfg, data_cfg, train_cfg  # nothing to resume: a new run (the loop says so)
     sections = {"model": model_cfg, "data": data_cfg, "train": train_cfg}
-    # by name: typer may bring its own copy of click, whose ParameterSource is another class
+    typed = set(given_on_command_line(*OPTION_FIELDS))
     given = {(section, field): getattr(sections[section], field) for name, (section, field) in OPTION_FIELDS.items()
-             if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
+             if name in typed}
     saved = configs_for_resume(output_dir, given)
     if saved is None:
         return model_cfg, data_cfg, train_cfg
