@@ -58,90 +58,82 @@ class _Options:
     seed: int | None = None
 
 
-def create_app(captioner, config: ServeConfig, *, device=None, on_ready: Callable[[], None] | None = None,
-               load: Callable[[], tuple] | None = None,
-               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
-    """An app serving `captioner`; its engine thread starts and stops with the app's lifespan.
+class Service:
+    """What the routes share: the engine's scheduler, the config, the metrics and the loaded
+    model (none until it is loaded), with the plumbing every model route goes through."""
 
-    With `load` (and `captioner` None) the model is loaded in a thread once the server is
-    up: /health says "loading" and model routes answer 503 until `load()` returns
-    (captioner, device); a failure goes to `on_load_error`.
-    """
-    from gitcli.generate.inputs import prompts_for
+    def __init__(self, config: ServeConfig, *, captioner=None, device=None,
+                 on_ready: Callable[[], None] | None = None, load: Callable[[], tuple] | None = None,
+                 on_load_error: Callable[[BaseException], None] | None = None):
+        self.config = config
+        self.scheduler = Scheduler(max_queue=config.max_queue)
+        self.metrics = Metrics()
+        self.metrics.watch(lambda: self.scheduler.queue_depth, lambda: self.scheduler.running)
+        self.model = _Model()
+        self.created = int(time.time())
+        self._given = (captioner, device)
+        self._on_ready, self._load, self._on_load_error = on_ready, load, on_load_error
 
-    config.validate()
-    if (captioner is None) == (load is None):
-        raise ValueError("give a captioner or a load function, not both")
-    scheduler = Scheduler(max_queue=config.max_queue)
-    metrics = Metrics()
-    metrics.watch(lambda: scheduler.queue_depth, lambda: scheduler.running)
-    model = _Model()
-    created = int(time.time())
+    # ---- the engine's lifetime --------------------------------------------------------
+    def start(self, captioner, device) -> None:
+        config = self.config
+        self.model.captioner, self.model.transform = captioner, captioner.image_transform()
+        self.scheduler.start(ContinuousEngine(captioner, device=device, precision=config.precision,
+                                              max_batch_size=config.max_batch_size, mode=config.scheduler,
+                                              max_prefill_batch=config.prefill_batch))
+        if self._on_ready is not None:
+            self._on_ready()
 
-    def start(captioner, device) -> None:
-        model.captioner, model.transform = captioner, captioner.image_transform()
-        scheduler.start(ContinuousEngine(captioner, device=device, precision=config.precision,
-                                         max_batch_size=config.max_batch_size, mode=config.scheduler,
-                                         max_prefill_batch=config.prefill_batch))
-        if on_ready is not None:
-            on_ready()
-
-    async def load_then_start() -> None:
+    async def load_then_start(self) -> None:
         try:
-            start(*await asyncio.to_thread(load))
+            self.start(*await asyncio.to_thread(self._load))
         except Exception as exc:
-            if on_load_error is None:
+            if self._on_load_error is None:
                 raise
-            on_load_error(exc)
+            self._on_load_error(exc)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(self, app: FastAPI):
         loading = None
-        if load is None:
-            start(captioner, device)
+        if self._load is None:
+            self.start(*self._given)
         else:
-            loading = asyncio.create_task(load_then_start())
+            loading = asyncio.create_task(self.load_then_start())
         yield
         if loading is not None and not loading.done():
             loading.cancel()
-        scheduler.stop()
-
-    app = FastAPI(title="gitcap", version=__version__, lifespan=lifespan,
-                  description="Captions and answers about images, in OpenAI's chat-completions format.")
-    app.state.scheduler, app.state.metrics, app.state.config = scheduler, metrics, config
+        self.scheduler.stop()
 
     # ---- plumbing ---------------------------------------------------------------
-    def error_response(exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    def check_key(request: Request) -> None:
-        if config.api_key is None:
+    def check_key(self, request: Request) -> None:
+        api_key = self.config.api_key
+        if api_key is None:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         # compared in constant time: how long a wrong key takes says nothing about the right one
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'",
                            "invalid_request_error", "invalid_api_key")
 
-    async def answer(request: Request, route: str, handler: Callable[[Request, float], Awaitable[Response]]):
+    async def answer(self, request: Request, route: str, handler: Handler) -> Response:
         start = time.perf_counter()
         try:
-            check_key(request)
-            response = await handler(request, start)
+            self.check_key(request)
+            response = await handler(self, request, start)
         except ApiError as exc:
-            response = error_response(exc)
+            response = _error_response(exc)
         except (_ClientGone, ClientDisconnect):  # the client left (while uploading, or waiting)
             response = Response(status_code=CLIENT_GONE)
         except Exception as exc:  # a fault of the server: logged, and answered in the one error shape
             traceback.print_exc(file=sys.stderr)
-            response = error_response(ApiError(500, f"internal error: {type(exc).__name__}", "server_error",
-                                               "internal_error"))
+            response = _error_response(ApiError(500, f"internal error: {type(exc).__name__}", "server_error",
+                                                "internal_error"))
         if not getattr(request.state, "counted", False):
-            metrics.requests.labels(route, outcome(response.status_code)).inc()
+            self.metrics.requests.labels(route, outcome(response.status_code)).inc()
         return response
 
-    async def read_body(request: Request, limit: int) -> bytes:
+    async def read_body(self, request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise too_large(f"the request body is over the limit of {limit} bytes")
@@ -152,13 +144,16 @@ def create_app(captioner, config: ServeConfig, *, device=None, on_ready: Callabl
                 raise too_large(f"the request body is over the limit of {limit} bytes")
         return bytes(body)
 
-    async def pixels_from(data: bytes):
+    async def pixels_from(self, data: bytes):
         def prepare():
-            return model.transform(decode_image(data, config.max_image_pixels))
+            return self.model.transform(decode_image(data, self.config.max_image_pixels))
 
         return await asyncio.to_thread(prepare)  # decoding a large image must not stall the loop
 
-    def make_job(pixels, question: str | None, options: _Options) -> Job:
+    def make_job(self, pixels, question: str | None, options: _Options) -> Job:
+        from gitcli.generate.inputs import prompts_for
+
+        config = self.config
         gen = config.generation
         sampling = options.temperature is not None and options.temperature > 0
         gen = dataclasses.replace(
@@ -176,21 +171,21 @@ def create_app(captioner, config: ServeConfig, *, device=None, on_ready: Callabl
         except GitcapError as exc:
             raise bad_request(str(exc).replace("--max-new-tokens", "max_tokens").replace("--", ""),
                               "invalid_value") from None
-        return Job(pixels, prompts_for(model.captioner.config, [question])[0], gen)
+        return Job(pixels, prompts_for(self.model.captioner.config, [question])[0], gen)
 
-    def run(job: Job, start: float, route: str, stream_text: bool = False) -> Ticket:
-        ticket = scheduler.submit(job, stream_text=stream_text)
+    def run(self, job: Job, start: float, route: str, stream_text: bool = False) -> Ticket:
+        ticket = self.scheduler.submit(job, stream_text=stream_text)
         ticket.route, ticket.start = route, start  # latency counts from the request's arrival
         return ticket
 
-    def record(ticket: Ticket) -> None:
-        job, now = ticket.job, time.perf_counter()
+    def record(self, ticket: Ticket) -> None:
+        job, now, metrics = ticket.job, time.perf_counter(), self.metrics
         metrics.latency.labels(ticket.route).observe(now - ticket.start)
         metrics.ttft.labels(ticket.route).observe((ticket.first_token or now) - ticket.start)
         metrics.generated.inc(completion_tokens(job))
         metrics.prompt_tokens.inc(job.prompt_tokens)
 
-    async def finished(request: Request, ticket: Ticket) -> Job:
+    async def finished(self, request: Request, ticket: Ticket) -> Job:
         """The job's end, or _ClientGone (and the job cancelled) if the client leaves first."""
         result = asyncio.ensure_future(ticket.finished())
         watcher = asyncio.ensure_future(_disconnected(request))
@@ -207,40 +202,14 @@ def create_app(captioner, config: ServeConfig, *, device=None, on_ready: Callabl
             raise _ClientGone
         job = result.result()
         raise_for_job(job)
-        record(ticket)
+        self.record(ticket)
         return job
 
-    # ---- routes -------------------------------------------------------------------
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind, exc.status_code), status_code=exc.status_code)
-
-    @app.get("/health")
-    async def health():
-        state = scheduler.state
-        return JSONResponse({"status": state}, status_code=200 if state == READY else 503)
-
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        if not PAGE.is_file():
-            return JSONResponse(error_body("the page is not installed", "not_found", 404), status_code=404)
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        async def handler(request: Request, start: float):
-            return JSONResponse(oai.models_list(config.model_id, created))
-
-        return await answer(request, "/v1/models", handler)
-
-    async def form_request(request: Request, with_question: bool):
-        scheduler.check_open()
-        body = await read_body(request, config.max_image_bytes + FORM_OVERHEAD)
+    # ---- what the model routes read from a request -----------------------------------
+    async def form_request(self, request: Request, with_question: bool):
+        config = self.config
+        self.scheduler.check_open()
+        body = await self.read_body(request, config.max_image_bytes + FORM_OVERHEAD)
         form = await _parse_form(request, body)
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
@@ -257,52 +226,10 @@ def create_app(captioner, config: ServeConfig, *, device=None, on_ready: Callabl
         options = _Options(max_tokens=_form_int(form, "max_tokens", 1), temperature=_form_float(form, "temperature"),
                            top_p=_form_float(form, "top_p"), beams=_form_int(form, "beams", 1),
                            seed=_form_int(form, "seed", None))
-        return make_job(await pixels_from(data), question, options), question
+        return self.make_job(await self.pixels_from(data), question, options), question
 
-    @app.post("/v1/caption", openapi_extra=_form_schema(question=False))
-    async def caption(request: Request):
-        async def handler(request: Request, start: float):
-            job, _ = await form_request(request, with_question=False)
-            job = await finished(request, run(job, start, "/v1/caption"))
-            return JSONResponse({"caption": job.text, "model": config.model_id, "usage": job_usage(job)})
-
-        return await answer(request, "/v1/caption", handler)
-
-    @app.post("/v1/ask", openapi_extra=_form_schema(question=True))
-    async def ask(request: Request):
-        async def handler(request: Request, start: float):
-            job, question = await form_request(request, with_question=True)
-            job = await finished(request, run(job, start, "/v1/ask"))
-            return JSONResponse({"question": question, "answer": job.text, "model": config.model_id,
-                                 "usage": job_usage(job)})
-
-        return await answer(request, "/v1/ask", handler)
-
-    @app.post("/v1/chat/completions", openapi_extra=CHAT_SCHEMA)
-    async def chat(request: Request):
-        route = "/v1/chat/completions"
-
-        async def handler(request: Request, start: float):
-            scheduler.check_open()
-            # a base64 data: URL is 4/3 of the image's size
-            body = await read_body(request, config.max_image_bytes * 4 // 3 + FORM_OVERHEAD)
-            chat_request = oai.parse_chat(oai.parse_json(body))
-            data = await image_bytes(chat_request.image_url)
-            options = _Options(max_tokens=chat_request.max_tokens, temperature=chat_request.temperature,
-                               top_p=chat_request.top_p, seed=chat_request.seed)
-            job = make_job(await pixels_from(data), chat_request.question, options)
-            ticket = run(job, start, route, stream_text=chat_request.stream)
-            if chat_request.stream:
-                request.state.counted = True  # the stream counts its own outcome when it ends
-                return StreamingResponse(stream(ticket, chat_request.include_usage), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            job = await finished(request, ticket)
-            return JSONResponse(oai.chat_completion(oai.completion_id(), config.model_id, job.text,
-                                                    job.finish_reason, job_usage(job)))
-
-        return await answer(request, route, handler)
-
-    async def image_bytes(url: str) -> bytes:
+    async def image_bytes(self, url: str) -> bytes:
+        config = self.config
         if url.startswith("data:"):
             return data_url_bytes(url, config.max_image_bytes)
         if url.startswith(("http://", "https://")):
@@ -312,13 +239,13 @@ def create_app(captioner, config: ServeConfig, *, device=None, on_ready: Callabl
             return await fetch_image(url, config.max_image_bytes)
         raise bad_request("image_url must be a data: URL (or http(s) with --allow-image-urls)", "invalid_image_url")
 
-    async def stream(ticket: Ticket, include_usage: bool):
-        cid, created_at, status = oai.completion_id(), int(time.time()), CLIENT_GONE
+    async def stream(self, ticket: Ticket, include_usage: bool):
+        cid, created_at, status, model_id = oai.completion_id(), int(time.time()), CLIENT_GONE, self.config.model_id
         try:
-            yield oai.chunk(cid, config.model_id, created_at, {"role": "assistant", "content": ""})
+            yield oai.chunk(cid, model_id, created_at, {"role": "assistant", "content": ""})
             async for delta in ticket.text_events():
                 if delta:
-                    yield oai.chunk(cid, config.model_id, created_at, {"content": delta})
+                    yield oai.chunk(cid, model_id, created_at, {"content": delta})
             job = ticket.job
             try:
                 raise_for_job(job)
@@ -326,20 +253,49 @@ def create_app(captioner, config: ServeConfig, *, device=None, on_ready: Callabl
                 status = exc.status
                 yield oai.sse(exc.body())
             else:
-                record(ticket)
+                self.record(ticket)
                 rest = ticket.deltas.rest(job.text) if ticket.deltas else ""
                 if rest:
-                    yield oai.chunk(cid, config.model_id, created_at, {"content": rest})
-                yield oai.chunk(cid, config.model_id, created_at, {}, job.finish_reason)
+                    yield oai.chunk(cid, model_id, created_at, {"content": rest})
+                yield oai.chunk(cid, model_id, created_at, {}, job.finish_reason)
                 if include_usage:
-                    yield oai.chunk(cid, config.model_id, created_at, {}, usage_=job_usage(job), with_choice=False)
+                    yield oai.chunk(cid, model_id, created_at, {}, usage_=job_usage(job), with_choice=False)
                 status = 200
             yield oai.sse("[DONE]")
         finally:
             ticket.cancel()  # a no-op when it ended; the client left otherwise
-            metrics.requests.labels(ticket.route, outcome(status)).inc()
+            self.metrics.requests.labels(ticket.route, outcome(status)).inc()
 
+
+Handler = Callable[[Service, Request, float], Awaitable[Response]]
+
+
+def create_app(captioner, config: ServeConfig, *, device=None, on_ready: Callable[[], None] | None = None,
+               load: Callable[[], tuple] | None = None,
+               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """An app serving `captioner`; its engine thread starts and stops with the app's lifespan.
+
+    With `load` (and `captioner` None) the model is loaded in a thread once the server is
+    up: /health says "loading" and model routes answer 503 until `load()` returns
+    (captioner, device); a failure goes to `on_load_error`.
+    """
+    config.validate()
+    if (captioner is None) == (load is None):
+        raise ValueError("give a captioner or a load function, not both")
+    service = Service(config, captioner=captioner, device=device, on_ready=on_ready, load=load,
+                      on_load_error=on_load_error)
+    app = FastAPI(title="gitcap", version=__version__, lifespan=service.lifespan,
+                  description="Captions and answers about images, in OpenAI's chat-completions format.")
+    app.state.service = service
+    app.state.scheduler, app.state.metrics, app.state.config = service.scheduler, service.metrics, config
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    add_server_routes(app)
+    add_model_routes(app)
     return app
+
+
+def _error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 # ---- the request bodies, for /docs (they are parsed by hand, with limits) ------------
@@ -366,6 +322,104 @@ CHAT_SCHEMA = {"requestBody": {"required": True, "content": {"application/json":
         "max_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0},
         "top_p": {"type": "number"}, "seed": {"type": "integer"}, "stream": {"type": "boolean"},
         "stream_options": {"type": "object"}}}}}}}
+
+
+# ---- routes: each takes the app's Service from request.app.state -----------------
+# (added to the app itself, in this order, as its own routes: not through an APIRouter,
+# which this FastAPI would nest as one included-router entry in app.routes)
+def add_server_routes(app: FastAPI) -> None:
+    """The server's own routes: health, metrics, the page."""
+    app.get("/health")(health)
+    app.get("/metrics")(prometheus)
+    app.get("/", response_class=HTMLResponse)(page)
+
+
+def add_model_routes(app: FastAPI) -> None:
+    """The API: keyed, and counted in the metrics by route and outcome."""
+    app.get("/v1/models")(models)
+    app.post("/v1/caption", openapi_extra=_form_schema(question=False))(caption)
+    app.post("/v1/ask", openapi_extra=_form_schema(question=True))(ask)
+    app.post(CHAT_ROUTE, openapi_extra=CHAT_SCHEMA)(chat)
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def http_error(request: Request, exc: StarletteHTTPException):
+    kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(exc.detail), kind, exc.status_code), status_code=exc.status_code)
+
+
+async def health(request: Request):
+    state = _service(request).scheduler.state
+    return JSONResponse({"status": state}, status_code=200 if state == READY else 503)
+
+
+async def prometheus(request: Request):
+    return Response(_service(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def page():
+    if not PAGE.is_file():
+        return JSONResponse(error_body("the page is not installed", "not_found", 404), status_code=404)
+    return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+
+async def models(request: Request):
+    return await _service(request).answer(request, "/v1/models", _models)
+
+
+async def _models(service: Service, request: Request, start: float) -> Response:
+    return JSONResponse(oai.models_list(service.config.model_id, service.created))
+
+
+async def caption(request: Request):
+    return await _service(request).answer(request, "/v1/caption", _caption)
+
+
+async def _caption(service: Service, request: Request, start: float) -> Response:
+    job, _ = await service.form_request(request, with_question=False)
+    job = await service.finished(request, service.run(job, start, "/v1/caption"))
+    return JSONResponse({"caption": job.text, "model": service.config.model_id, "usage": job_usage(job)})
+
+
+async def ask(request: Request):
+    return await _service(request).answer(request, "/v1/ask", _ask)
+
+
+async def _ask(service: Service, request: Request, start: float) -> Response:
+    job, question = await service.form_request(request, with_question=True)
+    job = await service.finished(request, service.run(job, start, "/v1/ask"))
+    return JSONResponse({"question": question, "answer": job.text, "model": service.config.model_id,
+                         "usage": job_usage(job)})
+
+
+CHAT_ROUTE = "/v1/chat/completions"
+
+
+async def chat(request: Request):
+    return await _service(request).answer(request, CHAT_ROUTE, _chat)
+
+
+async def _chat(service: Service, request: Request, start: float) -> Response:
+    config = service.config
+    service.scheduler.check_open()
+    # a base64 data: URL is 4/3 of the image's size
+    body = await service.read_body(request, config.max_image_bytes * 4 // 3 + FORM_OVERHEAD)
+    chat_request = oai.parse_chat(oai.parse_json(body))
+    data = await service.image_bytes(chat_request.image_url)
+    options = _Options(max_tokens=chat_request.max_tokens, temperature=chat_request.temperature,
+                       top_p=chat_request.top_p, seed=chat_request.seed)
+    job = service.make_job(await service.pixels_from(data), chat_request.question, options)
+    ticket = service.run(job, start, CHAT_ROUTE, stream_text=chat_request.stream)
+    if chat_request.stream:
+        request.state.counted = True  # the stream counts its own outcome when it ends
+        return StreamingResponse(service.stream(ticket, chat_request.include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    job = await service.finished(request, ticket)
+    return JSONResponse(oai.chat_completion(oai.completion_id(), config.model_id, job.text,
+                                            job.finish_reason, job_usage(job)))
 
 
 # ---- helpers ---------------------------------------------------------------------
