@@ -207,6 +207,7 @@ def _big_pixels_png() -> bytes:
     (b"not an image at all", 400, "not an image"),
     (None, 400, "decode"),  # a truncated PNG
     ("big-pixels", 400, "pixels"),
+    ("ppm", 400, "not an image"),  # Pillow reads it, but only photo formats are opened, as everywhere
     (b"\x89PNG" + b"\0" * (MAX_IMAGE_BYTES + 10), 413, "limit"),
 ])
 def test_bad_uploads(server, pngs, payload, status, words):
@@ -215,6 +216,10 @@ def test_bad_uploads(server, pngs, payload, status, words):
     elif payload == "big-pixels":
         payload = _big_pixels_png()
         assert len(payload) < MAX_IMAGE_BYTES
+    elif payload == "ppm":
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), "white").save(buf, "PPM")
+        payload = buf.getvalue()
     r = httpx.post(server.url + "/v1/caption", files={"image": ("x.png", payload, "image/png")})
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]

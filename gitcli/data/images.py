@@ -21,6 +21,10 @@ Image.init()
 OPEN_FORMATS = tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
 
 
+class TooManyPixels(GitcapError):
+    """The image's header declares more pixels than the limit (it was not decoded)."""
+
+
 def open_rgb(source: str | Path | bytes, name: str | None = None, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode fully (so truncation is found now, not in a worker later) and convert to RGB.
 
@@ -38,8 +42,8 @@ def open_rgb(source: str | Path | bytes, name: str | None = None, *, max_pixels:
         with fh, Image.open(fh, formats=OPEN_FORMATS) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise GitcapError(f"{label} is {width}x{height}, more than the limit of {max_pixels} pixels; "
-                                  "refused before decoding")
+                raise TooManyPixels(f"{label} is {width}x{height}, more than the limit of {max_pixels} pixels; "
+                                    "refused before decoding")
             img.load()
             return img.convert("RGB")
     except UnidentifiedImageError:

@@ -9,41 +9,30 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import re
-import warnings
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from gitcli.serve.errors import ApiError, bad_request, too_large
+from gitcli.data.images import TooManyPixels, open_rgb
+from gitcli.errors import GitcapError
+from gitcli.serve.errors import bad_request, too_large
 
 _DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
                        re.IGNORECASE)
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes -> a fully decoded RGB image; 400 for anything that is not one, is truncated, or
-    has more than `max_pixels` pixels (checked from the header, before decoding)."""
+    """Bytes -> a fully decoded RGB image, opened as every gitcap command opens one
+    (`data.images.open_rgb`: photo formats only, the pixel limit checked from the header
+    before decoding); 400 for anything that is not one, is truncated, or is too large."""
     if not data:
         raise bad_request("the image is empty", "invalid_image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise bad_request(f"the image is {width}x{height} = {width * height} pixels, over the limit "
-                                      f"of {max_pixels}", "image_too_many_pixels")
-                img.load()
-                return img.convert("RGB")
-    except ApiError:
-        raise
-    except UnidentifiedImageError:
-        raise bad_request("the upload is not an image (PNG, JPEG, WebP, ...)", "invalid_image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise bad_request("the image has too many pixels", "image_too_many_pixels") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise bad_request(f"cannot decode the image: {exc}", "invalid_image") from None
+        return open_rgb(data, "the upload", max_pixels=max_pixels)
+    except TooManyPixels as exc:
+        raise bad_request(str(exc), "image_too_many_pixels") from None
+    except GitcapError as exc:
+        raise bad_request(str(exc), "invalid_image") from None
 
 
 def data_url_bytes(url: str, max_bytes: int) -> bytes:
