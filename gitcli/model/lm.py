@@ -21,14 +21,15 @@ def storage_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _suggestion(name: str) -> str:
+def lm_suggestion(name: str) -> str:
+    """' (did you mean gpt2?)' when `name` is a close misspelling of an LM alias or its hub id."""
     from gitcli.config import LM_ALIASES
 
     return did_you_mean(name, [*LM_ALIASES, *LM_ALIASES.values()])
 
 
 def _offline_hint(name: str) -> str:
-    close = _suggestion(name)
+    close = lm_suggestion(name)
     if close:
         return f"unknown LM {name!r}{close}: it is no local directory and not in the Hugging Face cache"
     return (
@@ -58,7 +59,7 @@ def _load(loader, name: str, **kwargs):
         try:
             return loader(name, **kwargs)
         except OSError:
-            raise GitcapError(f"cannot load {name!r} from the hub{_suggestion(name)}: no such model, or no "
+            raise GitcapError(f"cannot load {name!r} from the hub{lm_suggestion(name)}: no such model, or no "
                               "access to it (a gated model needs `hf auth login`)") from None
     except ValueError as exc:  # e.g. an architecture transformers does not know
         raise GitcapError(f"cannot load {name!r} as a causal LM: {str(exc).splitlines()[0]}") from None

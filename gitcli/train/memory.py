@@ -70,16 +70,16 @@ def _lm_config(model_cfg: ModelConfig):
     hub when it can be reached."""
     from transformers import AutoConfig
 
-    from gitcli.config import LM_ALIASES
     from gitcli.model.architectures import UnknownArchitecture, lm_config
-    from gitcli.model.hub import did_you_mean, hub_reachable, quiet_loggers
+    from gitcli.model.hub import hub_reachable, quiet_loggers
+    from gitcli.model.lm import lm_suggestion
 
     name = model_cfg.lm
     try:
         return lm_config(name)
     except UnknownArchitecture:
         pass
-    close = did_you_mean(name, [*LM_ALIASES, *LM_ALIASES.values()])
+    close = lm_suggestion(name)
     if close or not hub_reachable():
         raise GitcapError(f"--dry-run needs the config of {name!r}{close}, which is no known alias, no local "
                           "directory and not in the Hugging Face cache" + ("" if close else ", and the hub is out of reach"))
