@@ -42,6 +42,9 @@ MAPPINGS = ("linear", "linear-ln", "mlp", "transformer")
 # Far above any real model, low enough that a hostile gitcap.json cannot ask for terabytes.
 MAX_PREFIX_LENGTH, MAX_MAPPING_LAYERS, MAX_LORA_RANK = 1024, 64, 4096
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+# how the frozen LM's linear layers are stored (gitcli.model.quant); "none": in --dtype
+QUANT_FORMATS = ("none", "bnb-int8", "int8-weight", "int8-dynamic", "fp8")
+TORCHAO_FORMATS = ("int8-weight", "int8-dynamic", "fp8")  # quantised by torchao after loading
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRESETS = ("tiny",)
 
@@ -86,7 +89,7 @@ class ModelConfig:
     prefix_length: int = 10  # only for mlp / transformer; linear maps token for token
     mapping_layers: int = 8  # transformer mapper depth
     lm: str = "gpt2"
-    int8: bool = False
+    quant: str = "none"  # one of QUANT_FORMATS
     dtype: str = "auto"  # storage dtype of frozen weights
     caption_prompt: str = ""  # text between the image prefix and the caption
     question_template: str = DEFAULT_QUESTION_TEMPLATE
@@ -107,6 +110,8 @@ class ModelConfig:
             raise GitcapError(f"unknown mapping {self.mapping!r}; choose one of {', '.join(MAPPINGS)}")
         if self.dtype not in DTYPES:
             raise GitcapError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.quant not in QUANT_FORMATS:
+            raise GitcapError(f"unknown --quant {self.quant!r}; choose one of {', '.join(QUANT_FORMATS)}")
         if self.preset is not None and self.preset not in PRESETS:
             raise GitcapError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.mapping == "mlp" and self.grid:
@@ -135,8 +140,13 @@ class ModelConfig:
     def validate_for_training(self) -> None:
         """What only matters when weights are about to train."""
         self.validate()
-        if self.int8 and self.train_lm:
-            raise GitcapError("an 8-bit LM cannot be fully tuned; use --lora R instead of --train-lm")
+        if self.quantised and self.train_lm:
+            raise GitcapError(f"a quantised LM (--quant {self.quant}) cannot be fully tuned; "
+                              "use --lora R instead of --train-lm")
+
+    @property
+    def quantised(self) -> bool:
+        return self.quant != "none"
 
     @property
     def lm_trained(self) -> bool:
@@ -190,6 +200,20 @@ class GenerationConfig:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+def upgrade_model_fields(model: Any, what: str) -> Any:
+    """A model config saved before `--quant` says `"int8": true|false`: `"quant": "bnb-int8"|"none"` now."""
+    if not isinstance(model, dict) or "int8" not in model:
+        return model
+    model = dict(model)
+    int8 = model.pop("int8")
+    if not isinstance(int8, bool):
+        raise GitcapError(f"{what}: field 'int8' must be bool, not {json.dumps(int8)[:60]}")
+    if "quant" in model:
+        raise GitcapError(f"{what} has both 'int8' and 'quant'")
+    model["quant"] = "bnb-int8" if int8 else "none"
+    return model
 
 
 def from_dict(cls: type, data: dict[str, Any], *, what: str = "config") -> Any:

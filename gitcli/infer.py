@@ -21,6 +21,7 @@ class RuntimeOptions:
 
     device: str = "auto"
     dtype: str | None = None  # override the checkpoint's storage dtype
+    quant: str | None = None  # override how the checkpoint's LM is quantised (gitcli.model.quant)
     precision: str | None = None
 
 
@@ -33,13 +34,14 @@ def load_model(checkpoint: Path | None, preset: str | None, runtime: RuntimeOpti
     if checkpoint is not None and preset is not None:
         raise GitcapError("give either --checkpoint or --preset, not both")
     if checkpoint is not None:
-        model = load_checkpoint(checkpoint, device=device, dtype=runtime.dtype)
+        model = load_checkpoint(checkpoint, device=device, dtype=runtime.dtype, quant=runtime.quant)
     elif preset == "tiny":
         from gitcli.model.captioner import build_captioner
         from gitcli.model.tiny import tiny_model_config
 
         torch.manual_seed(0)
-        model = build_captioner(tiny_model_config(dtype=runtime.dtype or "auto"), device=device)
+        model = build_captioner(tiny_model_config(dtype=runtime.dtype or "auto", quant=runtime.quant or "none"),
+                                device=device)
     elif preset is not None:
         raise GitcapError(f"unknown preset {preset!r}; the built-in preset is: tiny")
     else:

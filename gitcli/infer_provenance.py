@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from gitcli.config import GenerationConfig, read_json, to_dict
+from gitcli.config import GenerationConfig, read_json, to_dict, upgrade_model_fields
 from gitcli.errors import GitcapError
 from gitcli.formats.atomic import write_json
 
@@ -62,7 +62,7 @@ def difference(old: dict, new: dict) -> str | None:
     old_model, new_model = old.get("model") or {}, new["model"]
     if _checkpoint_key(old_model.get("origin")) != _checkpoint_key(new_model["origin"]):
         return f"another model ({_model_name(old_model.get('origin'))} then, {_model_name(new_model['origin'])} now)"
-    old_config = old_model.get("config") or {}
+    old_config = upgrade_model_fields(old_model.get("config") or {}, "provenance")
     for name, value in new_model["config"].items():
         if old_config.get(name) != value:  # the checkpoint is the same: an override such as --dtype
             return f"another model configuration ({name} {old_config.get(name)} then, {value} now)"

@@ -166,7 +166,7 @@ def test_real_formats_round_trip_with_trained_parts(hub_format_models, scene_ima
 def test_int8_lm_loads_and_runs_on_cpu(tiny_checkpoint, scene_images):
     import bitsandbytes as bnb
 
-    model = load_checkpoint(tiny_checkpoint, int8=True).eval()
+    model = load_checkpoint(tiny_checkpoint, quant="bnb-int8").eval()
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.lm.modules())
     px = _pixels(model, scene_images[:2])
     with torch.no_grad():

@@ -123,8 +123,8 @@ def nothing_loads(monkeypatch):
 
 
 def test_zero3_with_int8_is_refused_before_loading(tmp_path, nothing_loads):
-    with pytest.raises(GitcapError, match="ZeRO-3.*8-bit"):
-        train(tiny_model_config(int8=True, train_lm=False, lora_rank=4), DATA, _cfg(tmp_path, "x", zero=3),
+    with pytest.raises(GitcapError, match="ZeRO-3.*quantised LM"):
+        train(tiny_model_config(quant="bnb-int8", train_lm=False, lora_rank=4), DATA, _cfg(tmp_path, "x", zero=3),
               progress=False)
 
 
@@ -193,7 +193,8 @@ def test_cli_refuses_zero3_with_int8_in_one_line():
     result = CliRunner().invoke(app, ["train", "--lm", "gpt2", "--int8", "--lora", "4", "--zero", "3"])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
-        "error: ZeRO-3 partitions every weight, which an 8-bit LM cannot be; use --zero 2 with --int8, or drop --int8"]
+        "error: ZeRO-3 partitions every weight, which a quantised LM cannot be; use --zero 2 with --quant bnb-int8, "
+        "or drop --quant"]
 
 
 def test_zero2_trains_from_cached_features_like_the_plain_loop(tmp_path):

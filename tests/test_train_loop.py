@@ -11,38 +11,12 @@ import pytest
 import torch
 
 from gitcli.config import DataConfig, TrainConfig
-from gitcli.data.datasets import Collator, RecordDataset
-from gitcli.data.sources import SyntheticImages, synthetic_records
 from gitcli.errors import GitcapError
 from gitcli.model.captioner import build_captioner
 from gitcli.model.checkpoint import load_checkpoint, save_checkpoint
 from gitcli.model.tiny import tiny_model_config
 from gitcli.train.loop import train
-
-
-# The frozen LM here is random: the prefix (or small adapters) can steer it only so far, so
-# the test asks for a clear fall, not a dramatic one.
-FALL = 0.92
-
-
-def _fixed_batch(model, task, n=8):
-    records = synthetic_records(4, 5, task)[:n]
-    ds = RecordDataset(records, SyntheticImages(5), model.image_transform(), model.tokenizer, model.config)
-    return Collator(model.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
-
-
-def _loss_falls(model, task, steps=40, lr=1e-2):
-    batch = _fixed_batch(model, task)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss, _ = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses
+from tests.support.training import FALL, loss_falls as _loss_falls
 
 
 @pytest.mark.parametrize("task", ["captions", "vqa"])
@@ -70,7 +44,7 @@ def test_lora_on_8bit_lm_learns(tiny_checkpoint, task):
 
     torch.manual_seed(0)
     ckpt_cfg = json.loads((tiny_checkpoint / "gitcap.json").read_text())["model"]
-    cfg = tiny_model_config(int8=True, lora_rank=8, train_vision=False, train_lm=False)
+    cfg = tiny_model_config(quant="bnb-int8", lora_rank=8, train_vision=False, train_lm=False)
     model = build_captioner(cfg, lm_path=tiny_checkpoint / "lm", tokenizer_path=tiny_checkpoint / "tokenizer")
     assert ckpt_cfg["preset"] == "tiny"
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.lm.modules())

@@ -1,6 +1,7 @@
 """--dry-run: counts from a meta-device model, and each part of the memory estimate checked
 against numbers worked out by hand for the tiny preset."""
 
+import pytest
 from typer.testing import CliRunner
 
 from gitcli.cli import app
@@ -52,19 +53,21 @@ def test_stage3_offload_and_checkpointing_by_hand(tiny_captioner):
     assert est.activations == 4 * checkpointed + 2 * 9 * tiny_captioner.lm.config.vocab_size * (4 + 4)
 
 
-def test_int8_lm_weights_count_one_byte(tmp_path):
+@pytest.mark.parametrize("quant", ["bnb-int8", "int8-weight", "int8-dynamic", "fp8"])
+def test_quantised_lm_weights_count_one_byte_and_a_scale_per_row(tmp_path, quant):
     # an LM from config only (a local directory with config.json): no weights anywhere
     from transformers import OPTConfig
 
     OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
               vocab_size=100, max_position_embeddings=64).save_pretrained(tmp_path / "lm")
-    model = tiny_model_config(lm=str(tmp_path / "lm"), preset=None, int8=True, lora_rank=0, train_lm=False,
+    model = tiny_model_config(lm=str(tmp_path / "lm"), preset=None, quant=quant, lora_rank=0, train_lm=False,
                               train_vision=False)
     est8 = dry_run(model, TrainConfig(batch_size=1), text_tokens=4, world=1)
-    model.int8 = False
+    model.quant = "none"
     est16 = dry_run(model, TrainConfig(batch_size=1), text_tokens=4, world=1)
     linears = 2 * (4 * 64 * 64 + 64 * 128 + 128 * 64)  # q, k, v, out, fc1, fc2 weights per layer
-    assert est16.weights - est8.weights == linears  # 2 bytes -> 1 byte each
+    rows = 2 * (4 * 64 + 128 + 64)  # their output rows, one fp32 scale each
+    assert est16.weights - est8.weights == linears - 4 * rows  # 2 bytes -> 1 byte each, plus the scales
 
 
 def test_cli_dry_run_prints_and_exits(tmp_path):

@@ -73,4 +73,7 @@ _register()
 
 
 def main() -> None:
+    from gitcli.model.quiet import install_log_filters
+
+    install_log_filters()
     app()

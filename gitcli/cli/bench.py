@@ -9,7 +9,7 @@ import typer
 
 from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt, MaxNewTokensOpt,
                                PrecisionOpt, PresetOpt, SeedOpt, console, user_errors)
-from gitcli.cli.model_options import (GridOpt, Int8Opt, LoraOpt, MappingOpt, PrefixLengthOpt, TrainLmOpt,
+from gitcli.cli.model_options import (GridOpt, Int8Opt, LoraOpt, MappingOpt, PrefixLengthOpt, QuantOpt, TrainLmOpt,
                                       TrainVisionOpt, VisionOpt)
 
 app = typer.Typer(
@@ -32,14 +32,14 @@ ProfileOpt = Annotated[bool, typer.Option("--profile", help="After timing, profi
 JsonFileOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write every number, the options, versions, device and date to this JSON file.")]
 
 
-def _bench_config(*, preset, vision, lm, mapping, prefix_length, grid, int8, dtype, train_vision, lora, train_lm,
-                  **workload):
+def _bench_config(*, preset, vision, lm, mapping, prefix_length, grid, quant, int8, dtype, train_vision, lora,
+                  train_lm, **workload):
     from gitcli.bench.workload import BenchConfig
     from gitcli.cli.model_options import model_config_from_options
 
     model = model_config_from_options(preset=preset, vision=vision, vision_pretrained=None, lm=lm, mapping=mapping,
-                                      prefix_length=prefix_length, grid=grid, int8=int8, dtype=dtype,
-                                      train_vision=train_vision, lora=lora, train_lm=train_lm)
+                                      prefix_length=prefix_length, grid=grid, quant=quant, int8=int8,
+                                      dtype=dtype, train_vision=train_vision, lora=lora, train_lm=train_lm)
     return BenchConfig(model=model, **workload)
 
 
@@ -67,6 +67,7 @@ def train(
     train_vision: TrainVisionOpt = False,
     lora: LoraOpt = 0,
     train_lm: TrainLmOpt = False,
+    quant: QuantOpt = "none",
     int8: Int8Opt = False,
     dtype: DtypeOpt = "auto",
     precision: PrecisionOpt = None,
@@ -103,7 +104,7 @@ def train(
     from gitcli.bench.train_bench import run_train_bench
 
     cfg = _bench_config(preset=preset, vision=vision, lm=lm, mapping=mapping, prefix_length=prefix_length, grid=grid,
-                        int8=int8, dtype=dtype, train_vision=train_vision, lora=lora, train_lm=train_lm,
+                        quant=quant, int8=int8, dtype=dtype, train_vision=train_vision, lora=lora, train_lm=train_lm,
                         device=device, precision=precision, batch_size=batch_size, steps=steps, warmup=warmup,
                         caption_tokens=caption_tokens, lm_layers=lm_layers, compile=compile,
                         peak_tflops=peak_tflops, seed=seed, cached_features=cached_features, profile=profile)
@@ -121,6 +122,7 @@ def generate(
     mapping: MappingOpt = "mlp",
     prefix_length: PrefixLengthOpt = 10,
     grid: GridOpt = False,
+    quant: QuantOpt = "none",
     int8: Int8Opt = False,
     dtype: DtypeOpt = "auto",
     precision: PrecisionOpt = None,
@@ -163,7 +165,7 @@ def generate(
     from gitcli.bench.generate_bench import run_generate_bench
 
     cfg = _bench_config(preset=preset, vision=vision, lm=lm, mapping=mapping, prefix_length=prefix_length, grid=grid,
-                        int8=int8, dtype=dtype, train_vision=False, lora=0, train_lm=False, device=device,
+                        quant=quant, int8=int8, dtype=dtype, train_vision=False, lora=0, train_lm=False, device=device,
                         precision=precision, batch_size=batch_size, steps=steps, warmup=warmup, beams=beams,
                         max_new_tokens=max_new_tokens, lm_layers=lm_layers, compile=compile, cache=cache,
                         decoder=decoder, peak_tflops=peak_tflops, seed=seed, profile=profile)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt,
-                               JsonOpt, MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt,
+                               JsonOpt, MaxNewTokensOpt, PrecisionOpt, PresetOpt, QuantOpt, SeedOpt, TemperatureOpt, TopPOpt,
                                user_errors)
 from gitcli.cli.image_commands import MAX_PIXELS_DEFAULT, MaxPixelsOpt
 
@@ -27,6 +27,7 @@ def caption(
     batch_size: BatchSizeOpt = 16,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quant: QuantOpt = None,
     precision: PrecisionOpt = None,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
@@ -39,6 +40,6 @@ def caption(
     from gitcli.cli.image_commands import run_and_print
 
     run_and_print(images, [None], checkpoint=checkpoint, preset=preset, device=device, dtype=dtype,
-                  precision=precision, batch_size=batch_size, beams=beams, max_new_tokens=max_new_tokens,
+                  quant=quant, precision=precision, batch_size=batch_size, beams=beams, max_new_tokens=max_new_tokens,
                   temperature=temperature, top_p=top_p, seed=seed, cache=cache, compile=compile,
                   as_json=json_out, max_pixels=max_pixels)

@@ -113,6 +113,11 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
 DtypeOpt = Annotated[
     str, typer.Option("--dtype", help="Storage dtype of frozen weights: auto, fp32, fp16, bf16.")
 ]
+QuantOpt = Annotated[
+    Optional[str], typer.Option(
+        "--quant", help="Hold the LM's linear layers quantised: none, bnb-int8, int8-weight, int8-dynamic, fp8 "
+                        "(default: as the checkpoint was trained).")
+]
 PrecisionOpt = Annotated[
     Optional[str], typer.Option("--precision", help="Compute precision: bf16, fp16, fp32 (default: bf16 on GPUs that have it, else fp32).")
 ]

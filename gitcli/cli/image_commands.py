@@ -17,7 +17,7 @@ MAX_PIXELS_DEFAULT = 50_000_000
 
 
 def run_and_print(images: list[Path], questions: list[str | None], *, checkpoint, preset, device, dtype,
-                  precision, batch_size, beams, max_new_tokens, temperature, top_p, seed, cache, compile,
+                  quant, precision, batch_size, beams, max_new_tokens, temperature, top_p, seed, cache, compile,
                   as_json, max_pixels: int = MAX_PIXELS_DEFAULT) -> None:
     from gitcli.config import GenerationConfig
     from gitcli.data.images import expand_image_paths
@@ -29,7 +29,8 @@ def run_and_print(images: list[Path], questions: list[str | None], *, checkpoint
     paths = expand_image_paths(images)
     if len(questions) == 1 and len(paths) > 1:
         questions = questions * len(paths)
-    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision)
+    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, quant=quant,
+                             precision=precision)
     with console.status("loading model"):
         model, _, prec = load_model(checkpoint, preset, runtime)
     if preset is not None:

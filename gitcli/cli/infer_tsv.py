@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt,
-                               MaxNewTokensOpt, PrecisionOpt, PresetOpt, SeedOpt, TemperatureOpt, TopPOpt, console,
+                               MaxNewTokensOpt, PrecisionOpt, PresetOpt, QuantOpt, SeedOpt, TemperatureOpt, TopPOpt, console,
                                input_file, out_console, output_file, user_errors)
 from gitcli.cli.image_commands import MAX_PIXELS_DEFAULT, MaxPixelsOpt
 
@@ -30,6 +30,7 @@ def infer_tsv(
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quant: QuantOpt = None,
     precision: PrecisionOpt = None,
     seed: SeedOpt = 0,
     max_pixels: MaxPixelsOpt = MAX_PIXELS_DEFAULT,
@@ -59,7 +60,8 @@ def infer_tsv(
     output_file(out)
     if coco_json is not None:
         output_file(coco_json, option="--coco-json")
-    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision)
+    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, quant=quant,
+                             precision=precision)
     with output_lock(out):  # before the model loads: a second command into --out is refused at once
         model, dev, prec = load_model(checkpoint, preset, runtime)
         report = run(model, dev, prec, images, out, gen, questions=questions, batch_size=batch_size,

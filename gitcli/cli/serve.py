@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from gitcli.cli.common import (BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt, PrecisionOpt,
-                               PresetOpt, TemperatureOpt, TopPOpt, user_errors)
+                               PresetOpt, QuantOpt, TemperatureOpt, TopPOpt, user_errors)
 
 
 @user_errors
@@ -26,6 +26,7 @@ def serve(
     compile: DecodeCompileOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quant: QuantOpt = None,
     precision: PrecisionOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
@@ -80,12 +81,12 @@ def serve(
     sock = bind(host, port)  # a taken port is reported before the model loads
     try:
         _load_and_serve(sock, config, checkpoint=checkpoint, preset=preset, device=device, dtype=dtype,
-                        precision=precision)
+                        quant=quant, precision=precision)
     finally:
         sock.close()
 
 
-def _load_and_serve(sock, config, *, checkpoint, preset, device, dtype, precision) -> None:
+def _load_and_serve(sock, config, *, checkpoint, preset, device, dtype, quant, precision) -> None:
     """Listen at once (/health says "loading"), load the model in a thread, then serve."""
     from pathlib import Path
 
@@ -105,7 +106,8 @@ def _load_and_serve(sock, config, *, checkpoint, preset, device, dtype, precisio
         resolve_checkpoint(checkpoint)
     elif preset != "tiny":
         raise GitcapError(f"unknown preset {preset!r}; the built-in preset is: tiny")
-    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, precision=precision)
+    runtime = RuntimeOptions(device=device, dtype=None if dtype == "auto" else dtype, quant=quant,
+                             precision=precision)
     config.model_id = f"gitcap-{preset}" if preset is not None else Path(checkpoint).resolve().name
     port = sock.getsockname()[1]
     shown = f"[{config.host}]" if ":" in config.host else config.host

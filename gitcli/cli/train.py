@@ -9,8 +9,8 @@ import typer
 
 from gitcli.cli.common import (BatchSizeOpt, DeviceOpt, DtypeOpt, PrecisionOpt, PresetOpt, SeedOpt, given_on_command_line,
                                out_console, user_errors)
-from gitcli.cli.model_options import (GridOpt, Int8Opt, LmOpt, LoraOpt, MappingOpt, PrefixLengthOpt, TrainLmOpt,
-                                      TrainVisionOpt, VisionOpt,
+from gitcli.cli.model_options import (GridOpt, Int8Opt, LmOpt, LoraOpt, MappingOpt, PrefixLengthOpt, QuantOpt,
+                                      TrainLmOpt, TrainVisionOpt, VisionOpt,
                                       VisionPretrainedOpt, model_config_from_options)
 
 
@@ -22,8 +22,8 @@ OPTION_FIELDS = {
     "captions": ("data", "captions"), "questions": ("data", "questions"), "annotations": ("data", "annotations"),
     "num_workers": ("data", "num_workers"),
     **{name: ("model", name) for name in ("preset", "vision", "vision_pretrained", "lm", "mapping", "prefix_length",
-                                          "grid", "int8", "dtype", "train_vision", "train_lm")},
-    "lora": ("model", "lora_rank"),
+                                          "grid", "quant", "dtype", "train_vision", "train_lm")},
+    "lora": ("model", "lora_rank"), "int8": ("model", "quant"),
     **{name: ("train", name) for name in (
         "epochs", "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "schedule", "weight_decay",
         "clip_grad", "grad_checkpointing", "seed", "device", "precision", "save_every", "keep_last", "log_every",
@@ -43,6 +43,7 @@ def train(
     mapping: MappingOpt = "mlp",
     prefix_length: PrefixLengthOpt = 10,
     grid: GridOpt = False,
+    quant: QuantOpt = "none",
     int8: Int8Opt = False,
     dtype: DtypeOpt = "auto",
     precision: PrecisionOpt = None,
@@ -107,7 +108,7 @@ def train(
 
     model_cfg = model_config_from_options(
         preset=preset, vision=vision, vision_pretrained=vision_pretrained, lm=lm, mapping=mapping,
-        prefix_length=prefix_length, grid=grid, int8=int8, dtype=dtype, train_vision=train_vision, lora=lora,
+        prefix_length=prefix_length, grid=grid, quant=quant, int8=int8, dtype=dtype, train_vision=train_vision, lora=lora,
         train_lm=train_lm)
 
     def opt(path):

@@ -12,6 +12,7 @@ Loss covers the target tokens only: prefix, prompt and padding are -100.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -127,17 +128,23 @@ def freeze_for_training(captioner: Captioner) -> None:
     captioner.vision.requires_grad_(cfg.train_vision)
     captioner.mapping.requires_grad_(True)
     if cfg.lora_rank == 0:
-        captioner.lm.requires_grad_(cfg.train_lm and not cfg.int8)  # int8 weights cannot take gradients
+        captioner.lm.requires_grad_(cfg.train_lm and not cfg.quantised)  # quantised weights take no gradients
 
 
 def apply_lora(captioner: Captioner) -> None:
-    """Wrap the LM with peft LoRA adapters (also on an 8-bit LM); only adapters train."""
+    """Wrap the LM with peft LoRA adapters (also on a quantised LM); only adapters train."""
     from peft import LoraConfig, get_peft_model
 
     cfg = captioner.config
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM")
     try:
-        captioner.lm = get_peft_model(captioner.lm, lora)
+        with warnings.catch_warnings():
+            # on torchao weights peft warns that merging adapters into them is impossible;
+            # gitcap never merges (adapters are saved apart and applied on load)
+            warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+            # peft asks transformers a question under a name transformers 5 renamed
+            warnings.filterwarnings("ignore", message=".is_gradient_checkpointing. is deprecated")
+            captioner.lm = get_peft_model(captioner.lm, lora)
     except ValueError as exc:
         raise GitcapError(f"cannot add LoRA adapters to {cfg.lm}: {str(exc).splitlines()[0]}") from None
 
@@ -162,7 +169,7 @@ def build_captioner(
     config.validate()
     device = torch.device(device)
     dtype = storage_dtype(config.dtype, device)
-    if config.int8 and device.type == "cpu":
+    if config.quant == "bnb-int8" and device.type == "cpu":
         logging.getLogger(__name__).info("8-bit LM on CPU: bitsandbytes' CPU backend, slow but exact")
     pretrained = config.vision_pretrained if vision_pretrained is ... else vision_pretrained
 
@@ -172,13 +179,17 @@ def build_captioner(
         from gitcli.model.tiny import build_tiny_lm, build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer(vocabulary) if vocabulary is not None else build_tiny_tokenizer()
-        lm = build_tiny_lm(tokenizer).to(device=device, dtype=dtype)
-        if config.int8:
-            raise GitcapError("--int8 loads a saved LM; build the tiny preset first, then load it 8-bit")
+        if config.quant == "bnb-int8":  # bitsandbytes quantises while loading saved weights
+            raise GitcapError("--quant bnb-int8 loads a saved LM; build the tiny preset first, then load it 8-bit")
+        from gitcli.model.quant import check_quant_device, quantise_lm
+
+        check_quant_device(config.quant, device)
+        lm = quantise_lm(build_tiny_lm(tokenizer).to(device=device, dtype=dtype), config.quant, keep_dense=True)
     else:
         source = str(lm_path) if lm_path is not None else config.lm
         tokenizer = load_tokenizer(str(tokenizer_path) if tokenizer_path is not None else source)
-        lm = load_lm(source, dtype=dtype, int8=config.int8, device=device)
+        # the tiny preset's LM is saved in its checkpoints: keep its weights as loaded
+        lm = load_lm(source, dtype=dtype, quant=config.quant, device=device, keep_dense=config.preset == "tiny")
 
     return assemble_captioner(config, visual, lm, tokenizer, device=device, dtype=dtype)
 

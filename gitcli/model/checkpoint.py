@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gitcli import __version__
-from gitcli.config import ModelConfig, from_dict, read_json, to_dict, write_json
+from gitcli.config import ModelConfig, from_dict, read_json, to_dict, upgrade_model_fields, write_json
 from gitcli.errors import GitcapError
 from gitcli.formats.atomic import atomic_dir, write_text
 from gitcli.model.captioner import Captioner, build_captioner
@@ -113,7 +113,9 @@ def _write(captioner: Captioner, out: Path, extra: dict) -> None:
         save_file(_contiguous(get_peft_model_state_dict(lm)), out / "lora.safetensors")
         lm = lm.get_base_model()
     if _lm_is_saved(config):
-        lm.save_pretrained(out / "lm", safe_serialization=True)
+        from gitcli.model.quant import dense_state_dict
+
+        lm.save_pretrained(out / "lm", safe_serialization=True, state_dict=dense_state_dict(lm))
     if config.preset == "tiny":
         captioner.tokenizer.save_pretrained(out / "tokenizer")
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "gitcap_version": __version__,
@@ -133,7 +135,7 @@ def read_checkpoint_config(path: str | Path) -> tuple[Path, ModelConfig, dict]:
     if version > FORMAT_VERSION:
         raise GitcapError(f"{ckpt} was written by a newer gitcap ({meta.get('gitcap_version')}); upgrade gitcap")
     what = f"{ckpt / CONFIG_FILE} model config"
-    config = from_dict(ModelConfig, meta.get("model"), what=what)
+    config = from_dict(ModelConfig, upgrade_model_fields(meta.get("model"), what), what=what)
     try:
         config.validate()  # before anything is built from it: the file may come from anyone
     except GitcapError as exc:
@@ -151,14 +153,15 @@ def _load_weights(file: Path, what: str) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dtype: str | None = None,
-                    int8: bool | None = None) -> Captioner:
-    """Rebuild exactly the saved model. `dtype`/`int8` override how frozen weights are held."""
+                    quant: str | None = None) -> Captioner:
+    """Rebuild exactly the saved model. `dtype`/`quant` override how frozen weights are held."""
     ckpt, config, _ = read_checkpoint_config(path)
     quiet_libraries()
     if dtype is not None:
         config.dtype = dtype
-    if int8 is not None:
-        config.int8 = int8
+    if quant is not None:
+        config.quant = quant
+        config.validate()
     lm_path = ckpt / "lm" if _lm_is_saved(config) else None
     tok_path = ckpt / "tokenizer" if (ckpt / "tokenizer").is_dir() else None
     if lm_path is not None and not lm_path.is_dir():

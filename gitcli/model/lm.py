@@ -1,4 +1,4 @@
-"""Loading the causal language model and its tokenizer: dtype, 8-bit, offline-first."""
+"""Loading the causal language model and its tokenizer: dtype, quantisation, offline-first."""
 
 from __future__ import annotations
 
@@ -77,35 +77,21 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def _check_int8_backend(device: torch.device) -> None:
-    """bitsandbytes builds without a CPU backend can only run int8 on CUDA: say so up front."""
-    if device.type == "cuda":
-        return
-    try:
-        import bitsandbytes as bnb
-
-        layer = bnb.nn.Linear8bitLt(4, 4, has_fp16_weights=False).to(device)
-        layer(torch.zeros(1, 4))
-    except Exception as exc:  # any failure here means: no int8 on this device
-        raise GitcapError(f"--int8 needs a CUDA GPU with this bitsandbytes build ({str(exc).splitlines()[0][:120]})") from None
-
-
-def load_lm(name_or_path: str, *, dtype: torch.dtype, int8: bool, device: torch.device):
-    """Load a transformers causal LM; 8-bit through BitsAndBytesConfig when asked."""
+def load_lm(name_or_path: str, *, dtype: torch.dtype, quant: str, device: torch.device, keep_dense: bool = False):
+    """Load a transformers causal LM on `device`: `bnb-int8` through BitsAndBytesConfig while
+    loading, torchao's formats after (gitcli.model.quant)."""
     from transformers import AutoModelForCausalLM
 
+    from gitcli.model.quant import check_quant_device, quantise_lm
+
+    check_quant_device(quant, device)
     kwargs: dict = {"dtype": dtype}
-    if int8:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise GitcapError("--int8 needs bitsandbytes (pip install bitsandbytes)") from None
+    if quant == "bnb-int8":
         from transformers import BitsAndBytesConfig
 
-        _check_int8_backend(device)
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, **kwargs)
-    if not int8:
+    if quant != "bnb-int8":
         model.to(device)
-    return model
+    return quantise_lm(model, quant, keep_dense=keep_dense)

@@ -20,7 +20,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from gitcli.config import ModelConfig, TrainConfig, read_json
+from gitcli.config import TORCHAO_FORMATS, ModelConfig, TrainConfig, read_json
 from gitcli.errors import GitcapError
 
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
@@ -69,13 +69,17 @@ def check_combination(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any
     stage = zero_stage(cfg, override)
     if stage is None:
         return None
-    if model_cfg.int8 and stage == 3:
-        raise GitcapError("ZeRO-3 partitions every weight, which an 8-bit LM cannot be; "
-                          "use --zero 2 with --int8, or drop --int8")
+    if model_cfg.quant in TORCHAO_FORMATS:
+        raise GitcapError(f"DeepSpeed swaps every weight for its own copy as it starts, which torchao's quantised "
+                          f"weights cannot be; train --quant {model_cfg.quant} without --zero (one process, or "
+                          "torchrun for several GPUs), or use --quant bnb-int8 with --zero")
+    if model_cfg.quantised and stage == 3:
+        raise GitcapError(f"ZeRO-3 partitions every weight, which a quantised LM cannot be; "
+                          f"use --zero 2 with --quant {model_cfg.quant}, or drop --quant")
     if offloads(cfg, override) and stage < 2:
         raise GitcapError("offloading the optimizer needs ZeRO stage 2 or 3")
-    if cfg.precision == "fp16" and model_cfg.int8:
-        raise GitcapError("--precision fp16 with DeepSpeed and an 8-bit LM is not supported; use bf16")
+    if cfg.precision == "fp16" and model_cfg.quantised:
+        raise GitcapError("--precision fp16 with DeepSpeed and a quantised LM is not supported; use bf16")
     for key, value in (("train_micro_batch_size_per_gpu", cfg.batch_size),
                        ("gradient_accumulation_steps", cfg.grad_accum)):
         if override is not None and key in override and override[key] != value:

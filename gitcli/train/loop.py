@@ -63,8 +63,8 @@ class TrainResult:
 def _build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resume_from: Path | None) -> Captioner:
     if resume_from is not None:
         return load_checkpoint(resume_from, device=device)
-    if cfg.init_from:
-        model = load_checkpoint(cfg.init_from, device=device)
+    if cfg.init_from:  # held as the checkpoint was, unless --quant names a format
+        model = load_checkpoint(cfg.init_from, device=device, quant=model_cfg.quant if model_cfg.quantised else None)
         model.config.train_vision = model_cfg.train_vision
         model.config.train_lm = model_cfg.train_lm
         if model_cfg.lora_rank and not model.config.lora_rank:

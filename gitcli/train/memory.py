@@ -5,8 +5,9 @@ LM's `AutoConfig`): shapes and dtypes, no weights, nothing downloaded. The estim
 sum of four parts, each per GPU, for a run on GPUs (frozen weights stored in `--dtype`,
 `auto` = bf16; compute in `--precision`, default bf16):
 
-- weights: every parameter at its storage size (int8 LM linears 1 byte, trained parts fp32
-  as gitcap keeps them); ZeRO-3 splits them over the GPUs; ZeRO-3 + offload keeps them on
+- weights: every parameter at its storage size (trained parts fp32 as gitcap keeps them;
+  with --quant, the LM's linear layers but the head 1 byte per weight plus an fp32 scale
+  per output row, whatever the format: bitsandbytes and torchao store alike); ZeRO-3 splits them over the GPUs; ZeRO-3 + offload keeps them on
   the host;
 - gradients: trainable parameters at their dtype; ZeRO-2/3 split them;
 - optimizer: AdamW's two moments per trainable parameter at its dtype; ZeRO-1/2/3 split
@@ -31,6 +32,7 @@ import torch
 
 from gitcli.config import ModelConfig, TrainConfig
 from gitcli.errors import GitcapError
+from gitcli.model.quant import stored_bytes
 
 GIB = 1024**3
 
@@ -118,11 +120,11 @@ def build_meta_captioner(model_cfg: ModelConfig):
 
 
 # ---- counting ------------------------------------------------------------------------------
-def _int8_weights(lm: torch.nn.Module) -> set[int]:
-    """ids of the weights bitsandbytes stores in int8: the LM's linear layers but the head."""
-    head = lm.get_output_embeddings()
-    return {id(m.weight) for m in lm.modules() if isinstance(m, torch.nn.Linear) and m is not head
-            and not m.weight.requires_grad}
+def _quantised_weights(lm: torch.nn.Module) -> set[int]:
+    """ids of the weights --quant stores in 8 bits: the LM's frozen linear layers but the head."""
+    from gitcli.model.quant import quantised_linears
+
+    return {id(m.weight) for m in quantised_linears(lm) if not m.weight.requires_grad}
 
 
 def lm_stack(lm_config, tokens: int) -> Stack:
@@ -161,17 +163,16 @@ def estimate(captioner, cfg: TrainConfig, *, world: int, stage: int | None, offl
     tower_off = cached and stage is None and not captioner.config.train_vision  # as the loop does
     tower = {id(p) for p in captioner.vision.parameters()} if tower_off else set()
     stage = stage or 0
-    int8 = _int8_weights(captioner.lm) if captioner.config.int8 else set()
+    quant = captioner.config.quant
+    quantised = _quantised_weights(captioner.lm) if captioner.config.quantised else set()
     trainable = frozen = weight_bytes = grad_bytes = 0
     for p in captioner.parameters():
-        size = p.element_size()
-        if id(p) in int8:
-            size = 1
+        stored = stored_bytes(quant, p) if id(p) in quantised else p.numel() * p.element_size()
         if id(p) not in tower:
-            weight_bytes += p.numel() * size
+            weight_bytes += stored
         if p.requires_grad:
             trainable += p.numel()
-            grad_bytes += p.numel() * size
+            grad_bytes += p.numel() * p.element_size()
         else:
             frozen += p.numel()
     opt_bytes = 2 * grad_bytes  # AdamW: exp_avg and exp_avg_sq in the parameter's dtype

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from gitcli.config import DataConfig, ModelConfig, TrainConfig, from_dict, read_json, to_dict, write_json
+from gitcli.config import (DataConfig, ModelConfig, TrainConfig, from_dict, read_json, to_dict, upgrade_model_fields,
+                           write_json)
 from gitcli.errors import GitcapError
 
 RUN_CONFIG_FILE = "train_config.json"
@@ -43,6 +44,7 @@ def read_run_config(run_dir: Path) -> tuple[ModelConfig, DataConfig, TrainConfig
     saved = read_json(path, what=str(path))
     if not isinstance(saved, dict):
         raise GitcapError(f"{path} is not a JSON object")
+    saved["model"] = upgrade_model_fields(saved.get("model"), f"{path} model")
     return tuple(from_dict(cls, _known_fields(cls, saved.get(section)), what=f"{path} {section}")
                  for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)))
 

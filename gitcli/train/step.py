@@ -136,10 +136,16 @@ class Optimisation:
 def wrap_ddp(model: Captioner, device: torch.device, tower_offloaded: bool) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    # DDP wants every parameter and buffer on one device; the frozen host-side tower needs no syncing
+    from gitcli.model.quant import torchao_tensor_names
+
+    # DDP broadcasts rank 0's parameters and buffers at the start. The frozen host-side tower
+    # needs no syncing (and DDP wants one device), nor do torchao's quantised LM weights,
+    # which its broadcast cannot view: every rank loads and quantises the same weights.
+    ignored = [f"lm.{n}" for n in torchao_tensor_names(model.lm)]
     if tower_offloaded:
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, [f"vision.{n}" for n, _ in [*model.vision.named_parameters(), *model.vision.named_buffers()]])
+        ignored += [f"vision.{n}" for n, _ in [*model.vision.named_parameters(), *model.vision.named_buffers()]]
+    if ignored:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     # find_unused_parameters: a grid tower never runs its pooling head (ln_post, proj)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=True)
