@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU run for issue 6: the naive baseline and `gitcap bench`, side by side,
+# The one prepared GPU run: the naive baseline and `gitcap bench`, side by side,
 # same machine, same run, same workload (ViT-L-14 + OPT-2.7B, MLP prefix of 5 tokens,
 # 20 caption tokens, beam 3), so that the ratios hold. About 8-10 minutes on an H100.
 # Decoding is measured three ways beside transformers' generate() on the same model and
@@ -10,23 +10,29 @@
 # rows also run `--profile`: the log shows how much of an iteration the GPU was busy and
 # which operators took the time.
 #
+# PART=perf runs only those rows; PART=quant only the 8-bit and fp8 rows at the end (the
+# baseline's 8-bit LLaMA-7B row, then every --quant format training and decoding the same
+# model, then examples/benchmarks/quant_formats.py: token agreement with bf16 and the
+# largest decoding batch in 24 GiB); the default runs both, perf first.
+#
 # Before the run, on the machine with the package index (see /work/shared/bench/README.md):
 #   echo /.whl/ >> .git/info/exclude; echo /.bench/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+#     -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 torchao==0.18.0 bitsandbytes==0.50.2
 #   mkdir -p .bench && cp ../shared/bench/naive_baseline.py .bench/
 # Then run this script on the GPU machine from the repository root, carrying .whl and .bench:
 #   bash examples/benchmarks/gpu_session.sh
 # SMOKE=1 runs the same steps on a CPU with tiny sizes, to check the script itself.
 # It writes into $OUT (or ./bench-out): log.txt, baseline.jsonl (one JSON line per baseline
-# row), gitcap.json (a list of `gitcap bench --json` reports) — three files, as the device
-# tool returns at most eight.
+# row), gitcap.json (a list of `gitcap bench --json` reports) and quant_formats.json — four
+# files, as the device tool returns at most eight.
 set -u
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/bench-out}
 BASELINE=${BASELINE:-.bench/naive_baseline.py}
 BUDGET_S=${BUDGET_S:-540}   # stop starting new measurements after this many seconds
+PART=${PART:-all}           # perf, quant or all
 mkdir -p "$OUT"
 SCRATCH=$(mktemp -d)
 LOG=$OUT/log.txt
@@ -55,9 +61,13 @@ step() {
 MODEL=(--vision ViT-L-14 --lm opt-2.7b --mapping mlp --prefix-length 5)
 BASE=(--vision ViT-L-14 --lm opt-2.7b)
 BIG=(256 512)
+LLAMA=(--vision ViT-B-16 --lm llama-7b --mapping mlp --prefix-length 5)
+LLAMA_BASE=(--vision ViT-B-16 --lm llama-7b)
+QUANT_SCRIPT=()
 if [[ ${SMOKE:-0} == 1 ]]; then  # tiny shapes, one timed step: the script's plumbing only
   MODEL=(--vision gitcap-tiny-vit --lm gpt2 --lm-layers 1 --mapping mlp --prefix-length 5 --device cpu --steps 1 --warmup 0)
   BASE=(--tiny); BIG=(2 3)
+  LLAMA=("${MODEL[@]}"); LLAMA_BASE=(--tiny); QUANT_SCRIPT=(--smoke)
 fi
 # gstep NAME TIMEOUT_S train|generate OPTIONS...: one `gitcap bench` measurement, its report in $SCRATCH
 gstep() { local name=$1 limit=$2; shift 2; step "$name" "$limit" "$PY" -m gitcli bench "$@" "${MODEL[@]}" --json "$SCRATCH/$name.json"; }
@@ -67,6 +77,7 @@ STATIC=(--cache static)
 COMPILED=(--cache static --compile)
 HF=(--decoder transformers)
 
+if [[ $PART != quant ]]; then
 # row A: vision trained, batch 32 — baseline (fp32 LM, fp16 autocast + GradScaler) vs gitcap
 step baseline-A 150 "$PY" "$BASELINE" "${BASE[@]}" --batch 32
 gstep train-A 100 train --train-vision --batch-size 32 --caption-tokens 20 --steps 20 --warmup 5 --profile
@@ -97,6 +108,21 @@ gstep generate-beam3-b1 45 "${BEAM3[@]}" --batch-size 1 --steps 5 --warmup 2
 gstep hf-beam3-b512 60 "${BEAM3[@]}" "${HF[@]}" --batch-size ${BIG[1]} --steps 3 --warmup 1
 gstep generate-beam3-b512 60 "${BEAM3[@]}" --batch-size ${BIG[1]} --steps 3 --warmup 1
 gstep compiled-beam3-b512 180 "${BEAM3[@]}" "${COMPILED[@]}" --batch-size ${BIG[1]} --steps 3 --warmup 1
+fi
+
+if [[ $PART != perf ]]; then
+# 8-bit and fp8: ViT-B-16 + a LLaMA-7B-shaped LM, vision trained, batch 10, as the
+# baseline's int8 row (bitsandbytes LLM.int8, fp16 autocast). Each --quant format trains
+# and decodes (beam 3, batch 10) the same model; "none" is bf16.
+qstep() { local name=$1 limit=$2; shift 2; step "$name" "$limit" "$PY" -m gitcli bench "$@" "${LLAMA[@]}" --json "$SCRATCH/$name.json"; }
+# (with SMOKE=1 this baseline row fails in its own code: fp16 weights under CPU autocast)
+step baseline-llama-int8 240 "$PY" "$BASELINE" "${LLAMA_BASE[@]}" --lm-dtype int8 --batch 10 --gen-batch 10
+for q in int8-weight fp8 int8-dynamic bnb-int8 none; do
+  qstep "train-llama-$q" 120 train --quant "$q" --train-vision --batch-size 10 --caption-tokens 20 --steps 10 --warmup 3
+  qstep "generate-llama-$q-b10" 90 "${BEAM3[@]}" --quant "$q" --batch-size 10 --steps 3 --warmup 1
+done
+step quant-formats 420 "$PY" examples/benchmarks/quant_formats.py "${QUANT_SCRIPT[@]}" --json "$OUT/quant_formats.json"
+fi
 
 # the baseline prints one JSON line per row; gitcap wrote one report per measurement
 grep -h '^{"vision"' "$LOG" > "$OUT/baseline.jsonl" || true

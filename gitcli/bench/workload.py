@@ -77,7 +77,11 @@ def build_bench_model(cfg: BenchConfig, device: torch.device, compile_lm: bool =
         config = lm_config(model_cfg.lm, layers=cfg.lm_layers)  # an unknown name fails before anything builds
         dtype = storage_dtype(model_cfg.dtype, device)
         visual = create_clip_visual(model_cfg.vision, None)
-        lm = build_random_lm(config, dtype=dtype, int8=model_cfg.int8, device=device)
+        # the LM draws from its own seed, so the mapping built after it is the same whatever
+        # the LM's format (whose loading may draw numbers of its own)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed + 1)
+            lm = build_random_lm(config, dtype=dtype, quant=model_cfg.quant, device=device)
         captioner = assemble_captioner(model_cfg, visual, lm, None, device=device, dtype=dtype)
     if cfg.compile and compile_lm:
         captioner.lm.compile()  # in place: the module's forward goes through torch.compile
