@@ -240,12 +240,15 @@ def test_cli_summary_on_stdout_and_out_checked_before_work(tiny_checkpoint, imag
     assert not (tmp_path / "new" / "res.tsv").exists()
 
 
-def test_a_dtype_override_or_a_broken_record_is_refused_too(model, image_tsv, tmp_path, tiny_checkpoint):
+def test_a_dtype_or_quant_override_or_a_broken_record_is_refused_too(model, image_tsv, tmp_path, tiny_checkpoint):
     out = tmp_path / "res.tsv"
     _run(model, image_tsv, out)
     bf16 = load_checkpoint(tiny_checkpoint, dtype="bf16").eval()
     with pytest.raises(GitcapError, match="another model configuration \\(dtype auto then, bf16 now\\)"):
         _run(bf16, image_tsv, out)
+    quantised = load_checkpoint(tiny_checkpoint, quant="int8-weight").eval()
+    with pytest.raises(GitcapError, match="another model configuration \\(quant none then, int8-weight now\\)"):
+        _run(quantised, image_tsv, out)
     (tmp_path / "res.tsv.provenance.json").write_text("{not json")
     with pytest.raises(GitcapError, match="not valid JSON.*--overwrite"):
         _run(model, image_tsv, out)

@@ -84,3 +84,26 @@ def test_cli_dry_run_without_config_says_so_in_one_line():
     assert result.exit_code != 0 and "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "needs the config of 'nobody/no-such-model'" in errors[0]
+
+
+def test_decoding_estimate_counts_weights_as_stored_the_cache_and_the_logits():
+    import torch
+
+    from gitcli.model.captioner import build_captioner
+    from gitcli.model.quant import quantised_linears
+    from gitcli.train.memory import decoding_estimate
+
+    built = {}
+    for quant in ("none", "int8-weight"):
+        torch.manual_seed(0)
+        built[quant] = build_captioner(tiny_model_config(quant=quant, train_lm=False, dtype="fp32"))
+    dense = built["none"]
+    text = dense.lm.config
+    params = sum(p.numel() * 4 for p in dense.parameters())
+    cache = 2 * text.num_hidden_layers * 6 * 10 * text.hidden_size * 2  # bf16 keys and values
+    logits = 6 * text.vocab_size * 4
+    assert decoding_estimate(dense, rows=6, tokens=10, precision="bf16") == params + cache + logits
+    saved = sum(3 * m.weight.numel() - 4 * m.weight.shape[0] for m in quantised_linears(dense.lm))  # fp32 -> int8
+    assert saved > 0
+    assert (decoding_estimate(dense, rows=6, tokens=10, precision="bf16")
+            - decoding_estimate(built["int8-weight"], rows=6, tokens=10, precision="bf16")) == saved

@@ -22,6 +22,7 @@ from gitcli.config import GenerationConfig
 from gitcli.dist import autocast, resolve_device, resolve_precision
 from gitcli.generate.decode import decode_tokens
 from gitcli.model.captioner import position_ids_from_mask
+from gitcli.train.memory import decoding_estimate
 
 
 def run_generate_bench(cfg: BenchConfig) -> BenchResult:
@@ -67,7 +68,9 @@ def run_generate_bench(cfg: BenchConfig) -> BenchResult:
         flops_per_item=flops, peak_flops=device_peak(device, precision, cfg.peak_tflops),
         flops_parts={"vision_forward": vision_flops, "mapping_forward": mapping_flops,
                      "lm_body_parameters": params.body, "lm_head_parameters": params.head},
-        peak_memory_bytes=peak, memory_estimate_bytes=None,
+        peak_memory_bytes=peak,
+        memory_estimate_bytes=decoding_estimate(captioner, rows=cfg.batch_size * cfg.beams, precision=precision,
+                                                tokens=captioner.prefix_length + cfg.max_new_tokens),
         trainable_parameters=0, frozen_parameters=total,
         prefix_length=captioner.prefix_length, precision=precision, device=str(device))
 

@@ -24,7 +24,8 @@ class BenchResult:
     peak_tflops: float | None
     mfu: float | None  # achieved / peak, 0..1; None where the peak is unknown
     peak_memory_bytes: int | None
-    memory_estimate_bytes: int | None  # `gitcap train --dry-run`'s estimate (training only)
+    # train: `gitcap train --dry-run`'s estimate; generate: weights as stored + KV cache + logits
+    memory_estimate_bytes: int | None
     trainable_parameters: int
     frozen_parameters: int
     prefix_length: int

@@ -207,6 +207,7 @@ def _report(command: str, cfg, result, json_file: Path | None) -> None:
         table.add_row("peak memory, --dry-run estimate", _size(result.memory_estimate_bytes))
         table.add_row("trainable / frozen parameters", f"{result.trainable_parameters:,} / {result.frozen_parameters:,}")
     else:
+        table.add_row("peak memory, estimate (weights, KV cache)", _size(result.memory_estimate_bytes))
         table.add_row("parameters", f"{result.frozen_parameters:,}")
     table.add_row("prefix tokens", str(result.prefix_length))
     table.add_row("device, precision", f"{result.device}, {result.precision}")

@@ -155,6 +155,33 @@ def activation_elements(stack: Stack, batch: int, checkpointing: bool) -> int:
     return stack.layers * per_layer
 
 
+def stored_weight_bytes(captioner, skip: set[int] = frozenset()) -> int:
+    """Bytes of every parameter but those in `skip` (ids), as `--quant` stores the LM's."""
+    quant = captioner.config.quant
+    quantised = _quantised_weights(captioner.lm) if captioner.config.quantised else set()
+    total = 0
+    for p in captioner.parameters():
+        if id(p) not in skip:
+            total += stored_bytes(quant, p) if id(p) in quantised else p.numel() * p.element_size()
+    return total
+
+
+def decoding_estimate(captioner, *, rows: int, tokens: int, precision: str) -> int:
+    """Peak bytes of decoding `rows` sequences (images x beams) of `tokens` positions (prefix
+    and new tokens): the weights as stored, the KV cache (keys and values of every layer
+    in the compute dtype) and one step's logits in fp32. Not counted: one layer's
+    activations in flight, the tower's on the prefill step, allocator slack."""
+    text = captioner.lm.config.get_text_config() if hasattr(captioner.lm.config, "get_text_config") \
+        else captioner.lm.config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    kv_width = int(text.hidden_size) * kv_heads // heads
+    act_bytes = 2 if precision in ("bf16", "fp16") else 4
+    cache = 2 * int(text.num_hidden_layers) * rows * tokens * kv_width * act_bytes
+    logits = rows * int(text.vocab_size) * 4
+    return stored_weight_bytes(captioner) + cache + logits
+
+
 def estimate(captioner, cfg: TrainConfig, *, world: int, stage: int | None, offload: bool,
              precision: str, text_tokens: int, cached_features: bool | None = None) -> MemoryEstimate:
     """Per-GPU estimate for `captioner` (built on meta) trained with `cfg`; `cached_features`
@@ -163,13 +190,9 @@ def estimate(captioner, cfg: TrainConfig, *, world: int, stage: int | None, offl
     tower_off = cached and stage is None and not captioner.config.train_vision  # as the loop does
     tower = {id(p) for p in captioner.vision.parameters()} if tower_off else set()
     stage = stage or 0
-    quant = captioner.config.quant
-    quantised = _quantised_weights(captioner.lm) if captioner.config.quantised else set()
-    trainable = frozen = weight_bytes = grad_bytes = 0
+    weight_bytes = stored_weight_bytes(captioner, skip=tower)
+    trainable = frozen = grad_bytes = 0
     for p in captioner.parameters():
-        stored = stored_bytes(quant, p) if id(p) in quantised else p.numel() * p.element_size()
-        if id(p) not in tower:
-            weight_bytes += stored
         if p.requires_grad:
             trainable += p.numel()
             grad_bytes += p.numel() * p.element_size()
