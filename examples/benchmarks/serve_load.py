@@ -1,7 +1,8 @@
 """Load benchmark of `gitcap serve`: concurrent clients against a real server process.
 
 Starts `python -m gitcli serve` (a subprocess per configuration), drives it with an asyncio
-client of its own (httpx.AsyncClient), and prints one table per scenario: requests/s,
+client of its own (aiohttp's, which needs about a third of the CPU of httpx's per request: the
+load generator shares the machine's cores with the server), and prints one table per scenario: requests/s,
 generated tokens/s, p50/p95/p99 latency and time to first token (streamed chat
 completions). Greedy decoding, up to 20 new tokens, on the demo checkpoint.
 
@@ -10,7 +11,8 @@ completions). Greedy decoding, up to 20 new tokens, on the demo checkpoint.
     python examples/benchmarks/serve_load.py --batching --lone    # only some scenarios
 
 Scenarios (all by default):
-  --batching  64 clients: requests/s against the same server with --max-batch-size 1 (target >= 8x)
+  --batching  64 clients: requests/s against the same server with --max-batch-size 1 (target >= 8x),
+              streamed chat completions and plain ones
   --lone      one request at a time against the in-process decoding of the same image (target <= 1.3x)
   --mixed     32 clients, half max_tokens 4 and half 40: p95 latency of the short requests under
               --scheduler continuous against --scheduler whole (target <= 0.5x)
@@ -29,6 +31,7 @@ import asyncio
 import base64
 import io
 import json
+import json as json_module  # `post` takes a `json` argument, as HTTP clients do
 import os
 import random
 import signal
@@ -38,13 +41,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import aiohttp
 from rich.console import Console
 from rich.table import Table
 
@@ -122,7 +126,7 @@ class InProcess:
 
         path = Path(self.folder.name) / "image.png"
         path.write_bytes(png)
-        result = run_on_images(self.model, self.device, self.precision, [path], [question], self.gen, 1)[0]
+        result = run_on_images(self.model, self.precision, [path], [question], self.gen, 1)[0]
         return result.generation.text
 
     def fill_expected(self, items: list[Scene]) -> None:
@@ -158,7 +162,7 @@ def serve(checkpoint: Path, *options: str):
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="gitcap-serve-", suffix=".log")[1])
     command = [sys.executable, "-m", "gitcli", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-               "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu", *options]
+               "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu", *SERVER_ARGS, *options]
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", process, log)
@@ -168,9 +172,10 @@ def serve(checkpoint: Path, *options: str):
             if process.poll() is not None:
                 raise SystemExit(f"the server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
             try:
-                if httpx.get(server.url + "/health", timeout=2).json().get("status") == "ready":
-                    break
-            except (httpx.HTTPError, ValueError):
+                with urllib.request.urlopen(server.url + "/health", timeout=2) as response:
+                    if json.loads(response.read()).get("status") == "ready":
+                        break
+            except (OSError, ValueError):  # not listening yet, or 503 while loading
                 pass
             if time.monotonic() > deadline:
                 raise SystemExit(f"the server was not ready within 180 s:\n{log.read_text()[-3000:]}")
@@ -199,21 +204,22 @@ class Result:
     error: str | None = None
 
 
-def client(url: str, clients: int) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
-    return httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(300.0))
+def client(url: str, clients: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(base_url=url, connector=aiohttp.TCPConnector(limit=clients + 8),
+                                 timeout=aiohttp.ClientTimeout(total=300))
 
 
-async def stream_chat(http: httpx.AsyncClient, body: dict, kind: str = "stream") -> Result:
+async def stream_chat(http: aiohttp.ClientSession, body: dict, kind: str = "stream") -> Result:
     """One streamed chat completion: latency to `[DONE]`, time to the first content chunk."""
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft, parts, usage = None, [], None
-    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            await response.aread()
-            return Result(kind, response.status_code, time.perf_counter() - start, error=response.text[:200])
-        async for line in response.aiter_lines():
+    async with http.post("/v1/chat/completions", json=body) as response:
+        if response.status != 200:
+            text = await response.text()
+            return Result(kind, response.status, time.perf_counter() - start, error=text[:200])
+        async for raw in response.content:  # one server-sent line at a time
+            line = raw.decode("utf-8").strip()
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
@@ -230,24 +236,42 @@ async def stream_chat(http: httpx.AsyncClient, body: dict, kind: str = "stream")
     return Result(kind, 200, time.perf_counter() - start, ttft, tokens, "".join(parts))
 
 
-async def post(http: httpx.AsyncClient, kind: str, path: str, **kwargs) -> Result:
+async def post(http: aiohttp.ClientSession, kind: str, path: str, *, files: dict | None = None,
+               data: dict | None = None, json: dict | None = None, content: bytes | None = None,
+               headers: dict | None = None) -> Result:
+    """A POST as the tests' clients send it: multipart `files` (+ `data` fields), a `json`
+    body, or raw `content` with `headers`."""
+    if files is not None:
+        form = aiohttp.FormData()
+        for name, (filename, payload, content_type) in files.items():
+            form.add_field(name, payload, filename=filename, content_type=content_type)
+        for name, value in (data or {}).items():
+            form.add_field(name, value)
+        kwargs = {"data": form}
+    elif json is not None:
+        kwargs = {"json": json}
+    else:
+        kwargs = {"data": content, "headers": headers}
     start = time.perf_counter()
-    response = await http.post(path, **kwargs)
+    async with http.post(path, **kwargs) as response:
+        raw = await response.read()
+        status = response.status
     latency = time.perf_counter() - start
     try:
-        data = response.json()
+        body = json_module.loads(raw)
     except ValueError:
-        data = {}
-    if response.status_code != 200:
-        message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
-        return Result(kind, response.status_code, latency, error=message or response.text[:200])
-    if "choices" in data:
-        text = data["choices"][0]["message"]["content"]
+        body = {}
+    if status != 200:
+        message = (body.get("error") or {}).get("message") if isinstance(body, dict) else None
+        return Result(kind, status, latency, error=message or raw[:200].decode("utf-8", "replace"))
+    if "choices" in body:
+        text = body["choices"][0]["message"]["content"]
     else:
-        text = data.get("caption", data.get("answer"))
-    return Result(kind, 200, latency, tokens=(data.get("usage") or {}).get("completion_tokens", 0), text=text)
+        text = body.get("caption", body.get("answer"))
+    return Result(kind, 200, latency, tokens=(body.get("usage") or {}).get("completion_tokens", 0), text=text)
 
 
+SERVER_ARGS: list[str] = []  # --server-args: given to every server started (tuning runs)
 CLIENT_CPU: list[float] = []  # the load generator's share of one core, per closed_loop run
 
 
@@ -318,27 +342,39 @@ def check_texts(results: list[Result]) -> int:
 
 # ----------------------------------------------------------------------------- scenarios
 def scenario_batching(checkpoint: Path, items: list[Scene], quick: bool) -> None:
+    """Each server takes the load twice, streamed chat completions, then plain ones (one JSON
+    answer each: no per-token chunks to send, so the server's time goes to decoding)."""
     clients, total = 64, (128 if quick else 512)
 
-    async def request(http, i):
+    async def streamed(http, i):
         item = items[i % len(items)]
         result = await stream_chat(http, chat_body(item.png))
         result.expected = item.caption  # batched or not, the same text as in-process decoding
         return result
 
-    table = load_table(f"(a) {clients} concurrent clients, {total} streamed captions, greedy, <= {MAX_NEW_TOKENS} new tokens")
+    async def plain(http, i):
+        item = items[i % len(items)]
+        result = await post(http, "chat", "/v1/chat/completions", json=chat_body(item.png))
+        result.expected = item.caption
+        return result
+
+    table = load_table(f"(a) {clients} concurrent clients, {total} captions per row, greedy, "
+                       f"<= {MAX_NEW_TOKENS} new tokens")
     rates, wrong = {}, 0
-    for name, options in (("continuous, --max-batch-size 32", ()), ("--max-batch-size 1", ("--max-batch-size", "1"))):
+    servers = (("continuous, --max-batch-size 64", ()), ("--max-batch-size 1", ("--max-batch-size", "1")))
+    for name, options in servers:
         with serve(checkpoint, *options) as server:
             warm_up(server.url, items, 4)
-            results, wall = asyncio.run(closed_loop(server.url, clients, total, request))
-        wrong += check_texts(results)
-        rates[name] = sum(r.status == 200 for r in results) / wall
-        table.add_row(*load_row(name, results, wall))
+            for mode, request in (("streamed", streamed), ("not streamed", plain)):
+                results, wall = asyncio.run(closed_loop(server.url, clients, total, request))
+                wrong += check_texts(results)
+                rates[name, mode] = sum(r.status == 200 for r in results) / wall
+                table.add_row(*load_row(f"{name}, {mode}", results, wall))
     console.print(table)
-    ratio = rates["continuous, --max-batch-size 32"] / rates["--max-batch-size 1"]
-    console.print(f"requests/s ratio: [bold]{ratio:.1f}x[/bold] (target >= 8x: {verdict(ratio, 8, False)}); "
-                  f"answers different from in-process decoding: {wrong}\n")
+    for mode in ("streamed", "not streamed"):
+        ratio = rates[servers[0][0], mode] / rates[servers[1][0], mode]
+        console.print(f"requests/s ratio, {mode}: [bold]{ratio:.1f}x[/bold] (target >= 8x: {verdict(ratio, 8, False)})")
+    console.print(f"answers different from in-process decoding: {wrong}\n")
 
 
 def scenario_lone(checkpoint: Path, items: list[Scene], local: InProcess, quick: bool) -> None:
@@ -440,7 +476,7 @@ EXPECTED_STATUS = {
 SOAK_MAX_IMAGE_BYTES = 1_000_000
 
 
-async def soak_request(http: httpx.AsyncClient, kind: str, item: Scene, bomb: bytes, oversize: bytes) -> Result:
+async def soak_request(http: aiohttp.ClientSession, kind: str, item: Scene, bomb: bytes, oversize: bytes) -> Result:
     png = ("scene.png", item.png, "image/png")
     if kind == "caption":
         r = await post(http, kind, "/v1/caption", files={"image": png})
@@ -508,7 +544,7 @@ def scenario_soak(checkpoint: Path, items: list[Scene], minutes: float, quick: b
                         item = items[rng.randrange(len(items))]
                         try:
                             results.append(await soak_request(http, kind, item, bomb, oversize))
-                        except httpx.HTTPError as exc:  # the server closed on us: counted, never expected
+                        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # the server closed on us: counted, never expected
                             results.append(Result(kind, -1, 0.0, error=f"{type(exc).__name__}: {exc}"))
 
                 async def sample():
@@ -567,7 +603,10 @@ def main() -> None:
     parser.add_argument("--soak", action="store_true", help="(d) the soak with bad inputs and disconnects")
     parser.add_argument("--soak-minutes", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true", help="a short smoke run of each scenario")
+    parser.add_argument("--server-args", default="", help="options for every server started, e.g. "
+                                                          "'--prefill-batch 8' (each scenario's own come after)")
     args = parser.parse_args()
+    SERVER_ARGS.extend(args.server_args.split())
     if not any((args.checkpoint / name).exists() for name in ("gitcap.json", "latest")):  # a checkpoint or a run
         raise SystemExit(f"no checkpoint at {args.checkpoint}: create the demo one with `gitcap demo` "
                          f"(about 3 minutes on a 2-core CPU), or pass --checkpoint DIR")

@@ -30,10 +30,10 @@ def serve(
     precision: PrecisionOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
-    max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Rows decoded together.")] = 32,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Rows decoded together.")] = 64,
     prefill_batch: Annotated[int, typer.Option(
         "--prefill-batch", min=1, help="Newcomers prefilled together when their prompts have one length (1: each "
-                                       "alone, as caption does one image; more: higher throughput under load).")] = 8,
+                                       "alone, as caption does one image; more: higher throughput under load).")] = 16,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", min=1, help="Requests waiting for a row; beyond it a request gets 503 with Retry-After.")] = 256,
     max_image_bytes: Annotated[int, typer.Option(

@@ -2,8 +2,12 @@
 
 The engine steps in one thread (torch releases the GIL while it computes, so the event
 loop keeps serving); requests hand it jobs and receive tokens through an asyncio queue
-filled with `call_soon_threadsafe`. The scheduler also owns the server's state: loading,
-ready, draining (SIGTERM: nothing new is accepted, what runs finishes).
+each. What one engine step produces for all its requests crosses to the event loop in one
+`call_soon_threadsafe` (an _Outbox): each such call wakes the loop with a system call, and
+under load one step yields a token for dozens of requests. A stream reader takes every
+token waiting for it at once, so a busy server sends fewer, larger chunks instead of
+falling behind. The scheduler also owns the server's state: loading, ready, draining
+(SIGTERM: nothing new is accepted, what runs finishes).
 """
 
 from __future__ import annotations
@@ -21,18 +25,46 @@ from gitcli.serve.openai_format import TextDeltas
 LOADING, READY, DRAINING = "loading", "ready", "draining"
 
 
+class _Outbox:
+    """Events the engine thread posts during a step, handed to the event loop together."""
+
+    def __init__(self):
+        self._items: list[tuple[Ticket, tuple]] = []  # touched by the engine thread only
+
+    def put(self, ticket: "Ticket", event: tuple) -> None:
+        self._items.append((ticket, event))
+
+    def flush(self) -> None:
+        items, self._items = self._items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for ticket, event in items:
+            by_loop.setdefault(ticket.loop, []).append((ticket, event))
+        for loop, group in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, group)
+            except RuntimeError:  # the loop is gone (server stopped): nobody is listening
+                for ticket, _ in group:
+                    ticket.job.cancel()
+
+
+def _deliver(group: list) -> None:
+    for ticket, event in group:
+        ticket.queue.put_nowait(event)
+
+
 class Ticket:
     """One submitted job as the asyncio side sees it: its tokens as they come, then its end."""
 
-    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, wake, decode=None):
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, wake, decode=None, outbox: _Outbox | None = None):
         self.job = job
         self.route = ""
         self.start = self.submitted = time.perf_counter()
         # streamed text is decoded on the engine's thread: the tokenizer is used by one thread
         self.deltas = TextDeltas(decode) if decode is not None else None
         self.first_token: float | None = None  # perf_counter time of the first token
-        self._loop = loop
-        self._events: asyncio.Queue = asyncio.Queue()
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._outbox = outbox
         self._wake = wake
         job.on_token = self._on_token
         job.on_finish = self._on_finish
@@ -49,8 +81,11 @@ class Ticket:
         self._post(("done", None, ""))
 
     def _post(self, event) -> None:
+        if self._outbox is not None:
+            self._outbox.put(self, event)  # sent when the engine's step ends
+            return
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the loop is gone (server stopped): nobody is listening
             self.job.cancel()
 
@@ -59,14 +94,25 @@ class Ticket:
         """Yields (token id, text delta) per token of a streaming ticket (nothing for the
         others); returns when the job has ended (`self.job` is final then)."""
         while True:
-            kind, token, delta = await self._events.get()
+            kind, token, delta = await self.queue.get()
             if kind == "done":
                 return
             yield token, delta
 
     async def text_events(self):
-        async for _, delta in self.events():
-            yield delta
+        """Yields the text gained since the last yield: every token waiting is taken at once."""
+        while True:
+            kind, _, delta = await self.queue.get()
+            if kind == "done":
+                return
+            parts = [delta]
+            while not self.queue.empty():
+                kind, _, delta = self.queue.get_nowait()
+                if kind == "done":
+                    yield "".join(parts)
+                    return
+                parts.append(delta)
+            yield "".join(parts)
 
     async def finished(self) -> Job:
         async for _ in self.events():
@@ -90,6 +136,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._outbox = _Outbox()
 
     def start(self, engine: ContinuousEngine | None = None) -> None:
         if engine is not None:
@@ -136,7 +183,7 @@ class Scheduler:
         if self.engine.waiting >= self.max_queue:
             raise overloaded(f"the queue is full ({self.max_queue} requests waiting); try again shortly")
         decode = self.engine.decoder.text if stream_text else None
-        ticket = Ticket(job, asyncio.get_running_loop(), self._wake, decode)
+        ticket = Ticket(job, asyncio.get_running_loop(), self._wake, decode, self._outbox)
         self.engine.submit(job)
         self._wake()
         return ticket
@@ -157,3 +204,4 @@ class Scheduler:
             except Exception as exc:  # a fault outside any one job: fail what is there, keep serving
                 traceback.print_exc(file=sys.stderr)
                 self.engine.fail_all(exc)
+            self._outbox.flush()
