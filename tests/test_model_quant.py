@@ -218,3 +218,33 @@ def test_train_then_caption_quantised_from_the_command_line(tmp_path, image):
     result = CliRunner().invoke(app, ["caption", "--checkpoint", str(run), image, "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.splitlines()[-1])["caption"] is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["int8-weight", "int8-dynamic", "fp8", "bnb-int8"])
+def test_every_format_on_a_gpu_stays_close_and_passes_the_gradient(tmp_path, quant):
+    """The same checks on CUDA, where fp8 runs (compute capability 8.9+) and each format
+    takes its fast kernels; bf16 weights and autocast, as training runs there."""
+    if quant == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9")
+    from gitcli.dist import autocast
+
+    torch.manual_seed(0)
+    dense = build_captioner(tiny_model_config(train_lm=False, train_vision=False), device="cuda")
+    ckpt = save_checkpoint(dense, tmp_path / "ckpt")  # bnb-int8 loads saved weights
+    results = {}
+    for name in ("none", quant):
+        model = load_checkpoint(ckpt, device="cuda", quant=name)
+        model.config.train_lm = False
+        from gitcli.model.captioner import freeze_for_training
+
+        freeze_for_training(model)
+        batch = {k: v.cuda() for k, v in fixed_batch(model, "captions").items()}
+        with autocast("bf16", torch.device("cuda")):
+            _, logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logits.float().sum().backward()
+        grad = torch.cat([p.grad.flatten() for p in model.mapping.parameters()])
+        results[name] = (logits.detach().float(), grad.float())
+    (logits, grad), (ref_logits, ref_grad) = results[quant], results["none"]
+    assert _relative(logits, ref_logits) < LOGIT_TOLERANCE
+    assert grad.abs().sum() > 0 and _relative(grad, ref_grad) < GRADIENT_TOLERANCE

@@ -114,6 +114,11 @@ if [[ $PART != perf ]]; then
 # 8-bit and fp8: ViT-B-16 + a LLaMA-7B-shaped LM, vision trained, batch 10, as the
 # baseline's int8 row (bitsandbytes LLM.int8, fp16 autocast). Each --quant format trains
 # and decodes (beam 3, batch 10) the same model; "none" is bf16.
+# each format on CUDA against bf16: logits and the mapping's gradient within the CPU
+# tests' tolerance (skipped where pytest is missing)
+if "$PY" -c "import pytest" 2>/dev/null; then
+  step quant-check 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_model_quant.py
+fi
 qstep() { local name=$1 limit=$2; shift 2; step "$name" "$limit" "$PY" -m gitcli bench "$@" "${LLAMA[@]}" --json "$SCRATCH/$name.json"; }
 # (with SMOKE=1 this baseline row fails in its own code: fp16 weights under CPU autocast)
 step baseline-llama-int8 240 "$PY" "$BASELINE" "${LLAMA_BASE[@]}" --lm-dtype int8 --batch 10 --gen-batch 10
