@@ -194,6 +194,8 @@ def image(tmp_path_factory, scene_images):
     (["caption", "--preset", "tiny", "--quant", "int4", "IMAGE"], "unknown --quant 'int4'"),
     (["train", "--data", "synthetic", "--preset", "tiny", "--int8", "--quant", "int8-weight"],
      "--int8 means --quant bnb-int8"),
+    (["train", "--data", "synthetic", "--preset", "tiny", "--quant", "fp8", "--device", "cpu"],
+     "--quant fp8 needs a GPU"),
     (["train", "--data", "synthetic", "--preset", "tiny", "--quant", "int8-weight", "--zero", "2"],
      "DeepSpeed swaps every weight"),
     (["train", "--data", "synthetic", "--lm", "gpt2", "--quant", "int8-dynamic", "--train-lm"],

@@ -12,6 +12,7 @@ from gitcli.data.sources import source_kind
 from gitcli.dist import init_distributed, resolve_device, resolve_precision
 from gitcli.errors import GitcapError
 from gitcli.model.checkpoint import resolve_checkpoint
+from gitcli.model.quant import check_quant_device
 from gitcli.train import zero as ds
 from gitcli.train.deepspeed_config import check_combination, zero_stage
 from gitcli.train.features import check_cache_features
@@ -48,6 +49,7 @@ def check_and_launch(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainCon
     if cfg.init_from:
         resolve_checkpoint(cfg.init_from)
     device = resolve_device(cfg.device)
+    check_quant_device(model_cfg.quant, device)  # fp8 on a CPU, bitsandbytes missing: before the run exists
     rank, world = init_distributed(device.type)
     precision = resolve_precision(cfg.precision, device)
     if stage is not None:
