@@ -34,14 +34,10 @@ _ACTIVATION_QUANTISED = ("int8-dynamic", "fp8")
 FP8_MIN_CAPABILITY = (8, 9)
 
 
-def check_quant_name(quant: str) -> None:
-    if quant not in QUANT_FORMATS:
-        raise GitcapError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_FORMATS)}")
-
-
 def check_quant_device(quant: str, device: torch.device) -> None:
     """Refuse, in one line and before any weight loads, a format this machine cannot run."""
-    check_quant_name(quant)
+    if quant not in QUANT_FORMATS:
+        raise GitcapError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_FORMATS)}")
     if quant == "bnb-int8":
         _check_bitsandbytes(device)
     elif quant in TORCHAO_FORMATS:
@@ -172,8 +168,9 @@ def _is_torchao_tensor(t) -> bool:
         and type(t).__module__.startswith("torchao.")
 
 
-def stored_bytes(quant: str, weight: torch.Tensor) -> int:
-    """Bytes a quantised linear weight of this shape holds: one byte per element plus one
-    fp32 scale per output row (torchao's per-channel scales; bitsandbytes' row statistics)."""
+def stored_bytes(weight: torch.Tensor) -> int:
+    """Bytes a quantised linear weight of this shape holds, in every format: one byte per
+    element plus one fp32 scale per output row (torchao's per-channel scales, bitsandbytes'
+    row statistics)."""
     rows = weight.shape[0]
     return weight.numel() + 4 * rows

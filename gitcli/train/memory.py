@@ -157,12 +157,11 @@ def activation_elements(stack: Stack, batch: int, checkpointing: bool) -> int:
 
 def stored_weight_bytes(captioner, skip: set[int] = frozenset()) -> int:
     """Bytes of every parameter but those in `skip` (ids), as `--quant` stores the LM's."""
-    quant = captioner.config.quant
     quantised = _quantised_weights(captioner.lm) if captioner.config.quantised else set()
     total = 0
     for p in captioner.parameters():
         if id(p) not in skip:
-            total += stored_bytes(quant, p) if id(p) in quantised else p.numel() * p.element_size()
+            total += stored_bytes(p) if id(p) in quantised else p.numel() * p.element_size()
     return total
 
 
