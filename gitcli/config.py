@@ -67,6 +67,18 @@ TINY_VOCABULARY = (
 DEFAULT_QUESTION_TEMPLATE = "Question: {question} Answer:"
 
 
+def require_at_least_one(config: Any, *fields: str) -> None:
+    """Refuse a count option below 1, named as the user typed it (max_queue -> --max-queue)."""
+    for name in fields:
+        if getattr(config, name) < 1:
+            raise GitcapError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def check_quant_name(quant: str) -> None:
+    if quant not in QUANT_FORMATS:
+        raise GitcapError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_FORMATS)}")
+
+
 def resolve_vision_name(name: str) -> str:
     """`ViT-L/14` -> `ViT-L-14`; open_clip names pass through unchanged."""
     return VISION_ALIASES.get(name, name)
@@ -110,8 +122,7 @@ class ModelConfig:
             raise GitcapError(f"unknown mapping {self.mapping!r}; choose one of {', '.join(MAPPINGS)}")
         if self.dtype not in DTYPES:
             raise GitcapError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.quant not in QUANT_FORMATS:
-            raise GitcapError(f"unknown --quant {self.quant!r}; choose one of {', '.join(QUANT_FORMATS)}")
+        check_quant_name(self.quant)
         if self.preset is not None and self.preset not in PRESETS:
             raise GitcapError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.mapping == "mlp" and self.grid:
@@ -182,10 +193,7 @@ class GenerationConfig:
             raise GitcapError(f"compile must be true or false, not {self.compile!r}")
         if self.compile and self.cache != "static":
             raise GitcapError("--compile needs --cache static: a growing cache changes shape every step")
-        if self.max_new_tokens < 1:
-            raise GitcapError("--max-new-tokens must be at least 1")
-        if self.beams < 1:
-            raise GitcapError("--beams must be at least 1")
+        require_at_least_one(self, "max_new_tokens", "beams")
         if self.temperature < 0:
             raise GitcapError("--temperature must be >= 0")
         if not 0 < self.top_p <= 1:

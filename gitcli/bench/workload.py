@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gitcli.config import ModelConfig
+from gitcli.config import ModelConfig, require_at_least_one
 from gitcli.errors import GitcapError
 
 
@@ -35,9 +35,7 @@ class BenchConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("batch_size", "steps", "caption_tokens", "beams", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise GitcapError(f"--{name.replace('_', '-')} must be at least 1")
+        require_at_least_one(self, "batch_size", "steps", "caption_tokens", "beams", "max_new_tokens")
         if self.warmup < 0:
             raise GitcapError("--warmup must be >= 0")
         if self.lm_layers is not None and self.lm_layers < 1:

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt,
-                               JsonOpt, MaxNewTokensOpt, PrecisionOpt, PresetOpt, QuantOpt, SeedOpt, TemperatureOpt, TopPOpt,
-                               user_errors)
+                               JsonOpt, MaxNewTokensOpt, PrecisionOpt, PresetOpt, QuantOverrideOpt, SeedOpt,
+                               TemperatureOpt, TopPOpt, user_errors)
 from gitcli.cli.image_commands import MAX_PIXELS_DEFAULT, MaxPixelsOpt
 
 
@@ -28,7 +28,7 @@ def ask(
     batch_size: BatchSizeOpt = 16,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    quant: QuantOpt = None,
+    quant: QuantOverrideOpt = None,
     precision: PrecisionOpt = None,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,

@@ -113,7 +113,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
 DtypeOpt = Annotated[
     str, typer.Option("--dtype", help="Storage dtype of frozen weights: auto, fp32, fp16, bf16.")
 ]
-QuantOpt = Annotated[
+# loading a checkpoint: None keeps the format it was trained with (train and bench take
+# gitcli.cli.model_options.QuantOpt, whose default is "none")
+QuantOverrideOpt = Annotated[
     Optional[str], typer.Option(
         "--quant", help="Hold the LM's linear layers quantised: none, bnb-int8, int8-weight, int8-dynamic, fp8 "
                         "(default: as the checkpoint was trained).")

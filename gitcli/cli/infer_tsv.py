@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from gitcli.cli.common import (BatchSizeOpt, BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt,
-                               MaxNewTokensOpt, PrecisionOpt, PresetOpt, QuantOpt, SeedOpt, TemperatureOpt, TopPOpt, console,
-                               input_file, out_console, output_file, user_errors)
+                               MaxNewTokensOpt, PrecisionOpt, PresetOpt, QuantOverrideOpt, SeedOpt, TemperatureOpt,
+                               TopPOpt, console, input_file, out_console, output_file, user_errors)
 from gitcli.cli.image_commands import MAX_PIXELS_DEFAULT, MaxPixelsOpt
 
 
@@ -30,7 +30,7 @@ def infer_tsv(
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    quant: QuantOpt = None,
+    quant: QuantOverrideOpt = None,
     precision: PrecisionOpt = None,
     seed: SeedOpt = 0,
     max_pixels: MaxPixelsOpt = MAX_PIXELS_DEFAULT,

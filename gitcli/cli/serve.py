@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from gitcli.cli.common import (BeamsOpt, CacheOpt, CheckpointOpt, DecodeCompileOpt, DeviceOpt, DtypeOpt, PrecisionOpt,
-                               PresetOpt, QuantOpt, TemperatureOpt, TopPOpt, user_errors)
+                               PresetOpt, QuantOverrideOpt, TemperatureOpt, TopPOpt, user_errors)
 
 
 @user_errors
@@ -26,7 +26,7 @@ def serve(
     compile: DecodeCompileOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    quant: QuantOpt = None,
+    quant: QuantOverrideOpt = None,
     precision: PrecisionOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")] = 8000,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gitcli.config import QUANT_FORMATS, TORCHAO_FORMATS
+from gitcli.config import TORCHAO_FORMATS, check_quant_name
 from gitcli.errors import GitcapError
 
 _ACTIVATION_QUANTISED = ("int8-dynamic", "fp8")
@@ -36,8 +36,7 @@ FP8_MIN_CAPABILITY = (8, 9)
 
 def check_quant_device(quant: str, device: torch.device) -> None:
     """Refuse, in one line and before any weight loads, a format this machine cannot run."""
-    if quant not in QUANT_FORMATS:
-        raise GitcapError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_FORMATS)}")
+    check_quant_name(quant)
     if quant == "bnb-int8":
         _check_bitsandbytes(device)
     elif quant in TORCHAO_FORMATS:

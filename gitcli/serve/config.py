@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from gitcli.config import GenerationConfig
+from gitcli.config import GenerationConfig, require_at_least_one
 from gitcli.errors import GitcapError
 
 SCHEDULERS = ("continuous", "whole")
@@ -49,14 +49,7 @@ class ServeConfig:
             raise GitcapError("--max-new-tokens must be at least 1")
         if self.scheduler not in SCHEDULERS:
             raise GitcapError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {self.scheduler!r}")
-        if self.max_batch_size < 1:
-            raise GitcapError("--max-batch-size must be at least 1")
-        if self.prefill_batch < 1:
-            raise GitcapError("--prefill-batch must be at least 1")
-        if self.max_queue < 1:
-            raise GitcapError("--max-queue must be at least 1")
-        if self.max_image_bytes < 1:
-            raise GitcapError("--max-image-bytes must be at least 1")
+        require_at_least_one(self, "max_batch_size", "prefill_batch", "max_queue", "max_image_bytes")
         if not 0 <= self.port <= 65535:
             raise GitcapError(f"--port must be between 0 and 65535, not {self.port}")
         if self.api_key is not None and not self.api_key.strip():

@@ -7,8 +7,8 @@ sum of four parts, each per GPU, for a run on GPUs (frozen weights stored in `--
 
 - weights: every parameter at its storage size (trained parts fp32 as gitcap keeps them;
   with --quant, the LM's linear layers but the head 1 byte per weight plus an fp32 scale
-  per output row, whatever the format: bitsandbytes and torchao store alike); ZeRO-3 splits them over the GPUs; ZeRO-3 + offload keeps them on
-  the host;
+  per output row, whatever the format: bitsandbytes and torchao store alike); ZeRO-3
+  splits them over the GPUs; ZeRO-3 + offload keeps them on the host;
 - gradients: trainable parameters at their dtype; ZeRO-2/3 split them;
 - optimizer: AdamW's two moments per trainable parameter at its dtype; ZeRO-1/2/3 split
   them; with offload they live in host RAM (reported separately);
@@ -32,7 +32,7 @@ import torch
 
 from gitcli.config import ModelConfig, TrainConfig
 from gitcli.errors import GitcapError
-from gitcli.model.quant import stored_bytes
+from gitcli.model.quant import quantised_linears, stored_bytes
 
 GIB = 1024**3
 
@@ -122,13 +122,16 @@ def build_meta_captioner(model_cfg: ModelConfig):
 # ---- counting ------------------------------------------------------------------------------
 def _quantised_weights(lm: torch.nn.Module) -> set[int]:
     """ids of the weights --quant stores in 8 bits: the LM's frozen linear layers but the head."""
-    from gitcli.model.quant import quantised_linears
-
     return {id(m.weight) for m in quantised_linears(lm) if not m.weight.requires_grad}
 
 
+def _text_config(lm_config):
+    """The language part of an LM's config (multimodal configs nest it)."""
+    return lm_config.get_text_config() if hasattr(lm_config, "get_text_config") else lm_config
+
+
 def lm_stack(lm_config, tokens: int) -> Stack:
-    text = lm_config.get_text_config() if hasattr(lm_config, "get_text_config") else lm_config
+    text = _text_config(lm_config)
     width = int(text.hidden_size)
     ffn = next((int(v) for k in ("intermediate_size", "ffn_dim", "n_inner")
                 if (v := getattr(text, k, None))), 4 * width)
@@ -170,8 +173,7 @@ def decoding_estimate(captioner, *, rows: int, tokens: int, precision: str) -> i
     and new tokens): the weights as stored, the KV cache (keys and values of every layer
     in the compute dtype) and one step's logits in fp32. Not counted: one layer's
     activations in flight, the tower's on the prefill step, allocator slack."""
-    text = captioner.lm.config.get_text_config() if hasattr(captioner.lm.config, "get_text_config") \
-        else captioner.lm.config
+    text = _text_config(captioner.lm.config)
     heads = int(text.num_attention_heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     kv_width = int(text.hidden_size) * kv_heads // heads
