@@ -250,3 +250,22 @@ def test_every_format_on_a_gpu_stays_close_and_passes_the_gradient(tmp_path, qua
     (logits, grad), (ref_logits, ref_grad) = results[quant], results["none"]
     assert _relative(logits, ref_logits) < LOGIT_TOLERANCE
     assert grad.abs().sum() > 0 and _relative(grad, ref_grad) < GRADIENT_TOLERANCE
+
+
+def test_a_run_saved_before_quant_resumes_with_its_format(tmp_path):
+    from gitcli.config import DataConfig, TrainConfig, to_dict
+    from gitcli.train.run_config import RUN_CONFIG_FILE, configs_for_resume, read_run_config
+
+    for saved, expected in ((True, "bnb-int8"), (False, "none")):
+        model = to_dict(tiny_model_config(lora_rank=4, train_lm=False))
+        model.pop("quant")
+        model["int8"] = saved
+        (tmp_path / RUN_CONFIG_FILE).write_text(json.dumps(
+            {"model": model, "data": to_dict(DataConfig()), "train": to_dict(TrainConfig()), "world_size": 1}))
+        assert read_run_config(tmp_path)[0].quant == expected
+    # --int8 typed again on resume is --quant bnb-int8: another format disagrees with the run
+    (tmp_path / RUN_CONFIG_FILE).write_text(json.dumps(
+        {"model": {**model, "int8": True}, "data": to_dict(DataConfig()), "train": to_dict(TrainConfig())}))
+    assert configs_for_resume(tmp_path, {("model", "quant"): "bnb-int8"})[0].quant == "bnb-int8"
+    with pytest.raises(GitcapError, match="--quant int8-weight disagrees with the run"):
+        configs_for_resume(tmp_path, {("model", "quant"): "int8-weight"})
