@@ -159,3 +159,46 @@ def test_too_long_for_the_model_is_rejected_alone(tiny_captioner, image_files):
     engine.submit(job)
     engine.run_until_idle()
     assert job.finish_reason == "error" and job.rejected and "positions" in job.error
+
+
+def test_newcomers_to_a_busy_batch_wait_for_company_but_an_idle_engine_admits_at_once(tiny_captioner, image_files):
+    config = GenerationConfig(max_new_tokens=20)
+    engine = ContinuousEngine(tiny_captioner, max_batch_size=8, max_prefill_batch=3, max_waiting_steps=2)
+    jobs = [job_for(tiny_captioner, p, None, config) for p in image_files]
+    engine.submit(jobs[0])
+    engine.step()
+    assert engine.running == 1  # a quiet engine never makes a request wait
+    engine.submit(jobs[1])
+    engine.step()
+    engine.step()
+    assert engine.running == 1 and engine.waiting == 1  # alone, it waits two steps for others
+    engine.step()
+    assert engine.running == 2 and engine.waiting == 0  # then joins
+    for job in jobs[2:5]:
+        engine.submit(job)
+    engine.step()
+    assert engine.running == 5  # three fill a prefill group: they join at once
+    engine.run_until_idle()
+    for job, path in zip(jobs[:5], image_files):
+        assert job.tokens == alone(tiny_captioner, path, None, config).token_ids
+
+
+def test_newcomers_fill_the_last_free_rows_without_waiting(tiny_captioner, image_files):
+    config = GenerationConfig(max_new_tokens=20)
+    engine = ContinuousEngine(tiny_captioner, max_batch_size=3, max_prefill_batch=8, max_waiting_steps=50)
+    jobs = [job_for(tiny_captioner, p, None, config) for p in image_files[:3]]
+    engine.submit(jobs[0])
+    engine.step()
+    engine.submit(jobs[1])
+    engine.submit(jobs[2])
+    engine.step()
+    assert engine.running == 3  # two waiting fill the two free rows: no reason to wait
+
+
+def test_a_waiting_engine_keeps_greedy_answers_token_for_token(tiny_captioner, image_files):
+    configs = [GenerationConfig(max_new_tokens=n) for n in MAX_NEW]
+    expected = [alone(tiny_captioner, p, q, c) for p, q, c in zip(image_files, QUESTIONS, configs)]
+    engine = ContinuousEngine(tiny_captioner, max_batch_size=8, max_prefill_batch=4, max_waiting_steps=3)
+    jobs = [job_for(tiny_captioner, p, q, c) for p, q, c in zip(image_files, QUESTIONS, configs)]
+    staggered(engine, jobs, arrivals=[0, 1, 2, 2, 5, 9])
+    assert [j.tokens for j in jobs] == [e.token_ids for e in expected]

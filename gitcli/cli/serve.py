@@ -34,6 +34,9 @@ def serve(
     prefill_batch: Annotated[int, typer.Option(
         "--prefill-batch", min=1, help="Newcomers prefilled together when their prompts have one length (1: each "
                                        "alone, as caption does one image; more: higher throughput under load).")] = 16,
+    max_waiting_steps: Annotated[int, typer.Option(
+        "--max-waiting-steps", min=0, help="Decoding steps a request arriving at a busy server may wait for others "
+                                           "to prefill with (0: it joins at the next step).")] = 3,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", min=1, help="Requests waiting for a row; beyond it a request gets 503 with Retry-After.")] = 256,
     max_image_bytes: Annotated[int, typer.Option(
@@ -67,7 +70,7 @@ def serve(
         generation=GenerationConfig(beams=beams, temperature=temperature, top_p=top_p, cache=cache, compile=compile),
         seed=seed,
         max_new_tokens=max_new_tokens, host=host, port=port, max_batch_size=max_batch_size,
-        prefill_batch=prefill_batch, max_queue=max_queue,
+        prefill_batch=prefill_batch, max_waiting_steps=max_waiting_steps, max_queue=max_queue,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, api_key=api_key,
         allow_image_urls=allow_image_urls, scheduler=scheduler)
     config.validate()

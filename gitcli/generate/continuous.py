@@ -24,6 +24,12 @@ rows keep advancing between groups). The running rows wait while a group decodes
 The engine holds a dynamic cache (rows change every step); `cache="static"` and `compile`
 only apply to beam groups, which decode with fixed shapes.
 
+With `max_waiting_steps` > 0, newcomers to a running batch wait for company, as TGI's
+router does (its `max_waiting_tokens`): a prefill costs about the same for one image as
+for several, and every running row waits while it runs. They are admitted once they fill a
+prefill group (or every free row), or when the first of them has waited that many steps. An
+idle engine admits at once, so a quiet server never makes a request wait.
+
 `mode="whole"` admits new requests only when the running batch is empty: batches run to
 completion before the next starts, the baseline continuous batching is measured against.
 
@@ -126,7 +132,19 @@ class _Decoder:
         return int(encode_prompts(self.tokenizer, [prompt])[0].shape[1])
 
     def text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        return _text(self.tokenizer, tokens)
+
+    def detached_text(self) -> Callable[[list[int]], str]:
+        """`text` over a copy of the tokenizer, for another thread: a tokenizer is not
+        promised to be safe to use from two threads at once."""
+        import copy
+
+        tokenizer = copy.deepcopy(self.tokenizer)
+        return lambda tokens: _text(tokenizer, tokens)
+
+
+def _text(tokenizer, tokens: list[int]) -> str:
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
 def _context_length(lm) -> int | None:
@@ -173,17 +191,22 @@ class ContinuousEngine:
     """Iteration-level batched decoding over one captioner (see the module docstring)."""
 
     def __init__(self, captioner, *, device: torch.device | None = None, precision: str = "fp32",
-                 max_batch_size: int = 32, mode: str = "continuous", max_prefill_batch: int = 1):
+                 max_batch_size: int = 32, mode: str = "continuous", max_prefill_batch: int = 1,
+                 max_waiting_steps: int = 0):
         if mode not in ENGINE_MODES:
             raise ValueError(f"mode must be one of {ENGINE_MODES}, not {mode!r}")
         if max_batch_size < 1 or max_prefill_batch < 1:
             raise ValueError("max_batch_size and max_prefill_batch must be at least 1")
+        if max_waiting_steps < 0:
+            raise ValueError("max_waiting_steps must be at least 0")
         self.decoder = _Decoder(captioner)
         self.device = device or captioner.device
         self.precision = precision
         self.max_batch_size = max_batch_size
         self.max_prefill_batch = max_prefill_batch
         self.mode = mode
+        self.max_waiting_steps = max_waiting_steps
+        self._deferred_steps = 0  # steps newcomers have waited for company so far
         self.context_length = _context_length(captioner.lm)
         self._lock = threading.Lock()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -249,6 +272,10 @@ class ContinuousEngine:
         """Prefill waiting jobs into free rows; -> one group of beam jobs to decode whole."""
         if self.mode == "whole" and self._rows:
             return []
+        if self._waiting and not self._admission_due():
+            self._deferred_steps += 1
+            return []
+        self._deferred_steps = 0
         beam_jobs: list[Job] = []
         beam_key = None
         newcomers: list[Job] = []
@@ -276,6 +303,13 @@ class ContinuousEngine:
         for group in self._prefill_groups(newcomers):
             self._start(group)
         return beam_jobs
+
+    def _admission_due(self) -> bool:
+        """Whether waiting jobs join now or wait one more step for others to prefill with."""
+        if not self._rows or self._deferred_steps >= self.max_waiting_steps:
+            return True
+        free = self.max_batch_size - len(self._rows)
+        return len(self._waiting) >= min(free, self.max_prefill_batch)
 
     def _prefill_groups(self, jobs: list[Job]) -> list[list[Job]]:
         """Newcomers prefilled together: at most `max_prefill_batch`, all with prompts of

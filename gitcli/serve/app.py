@@ -80,7 +80,8 @@ class Service:
         self.model.captioner, self.model.transform = captioner, captioner.image_transform()
         self.scheduler.start(ContinuousEngine(captioner, device=device, precision=config.precision,
                                               max_batch_size=config.max_batch_size, mode=config.scheduler,
-                                              max_prefill_batch=config.prefill_batch))
+                                              max_prefill_batch=config.prefill_batch,
+                                              max_waiting_steps=config.max_waiting_steps))
         if self._on_ready is not None:
             self._on_ready()
 

@@ -35,6 +35,9 @@ class ServeConfig:
     # the same tokens; 32 was no faster and made a prefill step long enough to hold back the
     # short requests of a mixed load.
     prefill_batch: int = 16
+    # engine steps a newcomer to a running batch may wait for others to prefill with (see
+    # gitcli.generate.continuous); 0 = join at the next step
+    max_waiting_steps: int = 3
     max_queue: int = 256  # requests waiting for a row; one more gets 503
     max_image_bytes: int = 20_000_000
     max_image_pixels: int = 40_000_000  # width * height of a decoded image
@@ -50,6 +53,8 @@ class ServeConfig:
         if self.scheduler not in SCHEDULERS:
             raise GitcapError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {self.scheduler!r}")
         require_at_least_one(self, "max_batch_size", "prefill_batch", "max_queue", "max_image_bytes")
+        if self.max_waiting_steps < 0:
+            raise GitcapError("--max-waiting-steps must be at least 0")
         if not 0 <= self.port <= 65535:
             raise GitcapError(f"--port must be between 0 and 65535, not {self.port}")
         if self.api_key is not None and not self.api_key.strip():
