@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import io
+import json
 import threading
 import time
 
@@ -358,3 +359,25 @@ def test_sampling_draws_afresh_unless_a_seed_is_given(client, pngs, tiny_caption
     assert sample(seed=7) == sample(seed=7) == alone(tiny_captioner, pngs[2], None, max_new_tokens=20,
                                                      temperature=1.5, seed=7).text
     assert len({sample() for _ in range(4)}) > 1
+
+
+def test_a_stream_on_the_wire_is_chunked_sse_that_opens_with_the_role_and_ends_with_done(server, pngs, tiny_captioner):
+    want = alone(tiny_captioner, pngs[3], None, max_new_tokens=12)
+    body = {"model": "gitcap-tiny", "max_tokens": 12, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(pngs[3])}}]}]}
+    with httpx.stream("POST", server.api_url + "/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert "content-length" not in response.headers  # a stream, not an empty body
+        raw = "".join(response.iter_text())
+    events = [line.removeprefix("data: ") for line in raw.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in raw.split("\n\n") if line)
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len({c["id"] for c in chunks}) == 1
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:] if c["choices"])
+    assert text == want.text
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] \
+        == ["length" if len(want.token_ids) == 12 else "stop"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= len(want.token_ids)

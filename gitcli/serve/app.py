@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -241,31 +241,71 @@ class Service:
         raise bad_request("image_url must be a data: URL (or http(s) with --allow-image-urls)", "invalid_image_url")
 
     async def stream(self, ticket: Ticket, include_usage: bool):
+        """A streamed completion's server-sent events as (text, last) pairs: the role chunk goes
+        with the first text, and everything after the last token (the rest of the text, the
+        finish reason, the usage, [DONE]) in one piece. Each piece is one write to the socket,
+        and under load those writes are a large part of the event loop's time."""
         cid, created_at, status, model_id = oai.completion_id(), int(time.time()), CLIENT_GONE, self.config.model_id
+        content = oai.ContentChunks(cid, model_id, created_at)
+        opening = oai.chunk(cid, model_id, created_at, {"role": "assistant", "content": ""})
         try:
-            yield oai.chunk(cid, model_id, created_at, {"role": "assistant", "content": ""})
             async for delta in ticket.text_events():
                 if delta:
-                    yield oai.chunk(cid, model_id, created_at, {"content": delta})
+                    yield opening + content(delta), False
+                    opening = ""
             job = ticket.job
             try:
                 raise_for_job(job)
             except ApiError as exc:
                 status = exc.status
-                yield oai.sse(exc.body())
-            else:
-                self.record(ticket)
-                rest = ticket.deltas.rest(job.text) if ticket.deltas else ""
-                if rest:
-                    yield oai.chunk(cid, model_id, created_at, {"content": rest})
-                yield oai.chunk(cid, model_id, created_at, {}, job.finish_reason)
-                if include_usage:
-                    yield oai.chunk(cid, model_id, created_at, {}, usage_=job_usage(job), with_choice=False)
-                status = 200
-            yield oai.sse("[DONE]")
+                yield opening + oai.sse(exc.body()) + oai.sse("[DONE]"), True
+                return
+            self.record(ticket)
+            rest = ticket.deltas.rest(job.text) if ticket.deltas else ""
+            closing = [opening, content(rest) if rest else "",
+                       oai.chunk(cid, model_id, created_at, {}, job.finish_reason)]
+            if include_usage:
+                closing.append(oai.chunk(cid, model_id, created_at, {}, usage_=job_usage(job), with_choice=False))
+            closing.append(oai.sse("[DONE]"))
+            status = 200
+            yield "".join(closing), True
         finally:
             ticket.cancel()  # a no-op when it ended; the client left otherwise
             self.metrics.requests.labels(ticket.route, outcome(status)).inc()
+
+
+class EventStream(Response):
+    """Server-sent events from an async iterator of (text, last) pairs.
+
+    Starlette's StreamingResponse runs the body and a disconnect listener in a task group
+    per response, and ends with an empty write of its own; here one watcher task cancels the
+    ticket when the client leaves (the engine drops the job, and the iterator ends), and the
+    last piece ends the body in the same write."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events, on_disconnect: Callable[[], None]):
+        # as StreamingResponse does: Response.__init__ would render an empty body and say so
+        # in a Content-Length header
+        self.status_code, self.background = 200, None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.events, self.on_disconnect = events, on_disconnect
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        watcher = asyncio.ensure_future(_disconnected_from(receive))
+        watcher.add_done_callback(lambda task: task.cancelled() or self.on_disconnect())
+        last = False
+        try:
+            async for text, last in self.events:
+                await send({"type": "http.response.body", "body": text.encode("utf-8"), "more_body": not last})
+        except _ClientGone:
+            pass  # the client left: there is nobody to end the body for
+        finally:
+            watcher.cancel()
+            await self.events.aclose()
+        if not last and not watcher.done():
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 Handler = Callable[[Service, Request, float], Awaitable[Response]]
@@ -416,8 +456,7 @@ async def _chat(service: Service, request: Request, start: float) -> Response:
     ticket = service.run(job, start, CHAT_ROUTE, stream_text=chat_request.stream)
     if chat_request.stream:
         request.state.counted = True  # the stream counts its own outcome when it ends
-        return StreamingResponse(service.stream(ticket, chat_request.include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStream(service.stream(ticket, chat_request.include_usage), on_disconnect=ticket.cancel)
     job = await service.finished(request, ticket)
     return JSONResponse(oai.chat_completion(oai.completion_id(), config.model_id, job.text,
                                             job.finish_reason, job_usage(job)))
@@ -445,8 +484,12 @@ def raise_for_job(job: Job) -> None:
 async def _disconnected(request: Request) -> None:
     """Returns when the client has closed the connection (the body was read already, so the
     next ASGI message is the disconnect)."""
+    await _disconnected_from(request.receive)
+
+
+async def _disconnected_from(receive) -> None:
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
 

@@ -5,8 +5,9 @@ loop keeps serving); requests hand it jobs and receive tokens through an asyncio
 each. What one engine step produces for all its requests crosses to the event loop in one
 `call_soon_threadsafe` (an _Outbox): each such call wakes the loop with a system call, and
 under load one step yields a token for dozens of requests. A stream reader takes every
-token waiting for it at once, so a busy server sends fewer, larger chunks instead of
-falling behind. The scheduler also owns the server's state: loading, ready, draining
+token waiting for it at once and decodes their text there, on the event loop (with a
+tokenizer of its own), so the engine's thread spends nothing on text and a busy server
+sends fewer, larger chunks instead of falling behind. The scheduler also owns the server's state: loading, ready, draining
 (SIGTERM: nothing new is accepted, what runs finishes).
 """
 
@@ -59,7 +60,7 @@ class Ticket:
         self.job = job
         self.route = ""
         self.start = self.submitted = time.perf_counter()
-        # streamed text is decoded on the engine's thread: the tokenizer is used by one thread
+        # a streamed job's text, decoded by the reader (event loop) from the tokens so far
         self.deltas = TextDeltas(decode) if decode is not None else None
         self.first_token: float | None = None  # perf_counter time of the first token
         self.loop = loop
@@ -75,10 +76,10 @@ class Ticket:
             self.first_token = time.perf_counter()
         if self.deltas is None:
             return  # nobody reads single tokens: the loop is woken once, at the end
-        self._post(("token", token, self.deltas.delta(job.tokens)))
+        self._post(("token", len(job.tokens)))  # how many tokens are there now
 
     def _on_finish(self, job: Job) -> None:
-        self._post(("done", None, ""))
+        self._post(("done", len(job.tokens)))
 
     def _post(self, event) -> None:
         if self._outbox is not None:
@@ -90,33 +91,27 @@ class Ticket:
             self.job.cancel()
 
     # event loop
-    async def events(self):
-        """Yields (token id, text delta) per token of a streaming ticket (nothing for the
-        others); returns when the job has ended (`self.job` is final then)."""
-        while True:
-            kind, token, delta = await self.queue.get()
-            if kind == "done":
-                return
-            yield token, delta
+    async def _until_done(self) -> None:
+        while (await self.queue.get())[0] != "done":
+            pass
 
     async def text_events(self):
-        """Yields the text gained since the last yield: every token waiting is taken at once."""
-        while True:
-            kind, _, delta = await self.queue.get()
-            if kind == "done":
-                return
-            parts = [delta]
-            while not self.queue.empty():
-                kind, _, delta = self.queue.get_nowait()
-                if kind == "done":
-                    yield "".join(parts)
-                    return
-                parts.append(delta)
-            yield "".join(parts)
+        """Yields the text gained since the last yield (a streaming ticket's): every token
+        waiting is taken at once and decoded together. Returns when the job has ended
+        (`self.job` is final then)."""
+        done, decoded = False, 0
+        while not done:
+            kind, count = await self.queue.get()
+            done = kind == "done"
+            while not done and not self.queue.empty():
+                kind, count = self.queue.get_nowait()
+                done = kind == "done"
+            if count > decoded:
+                decoded = count
+                yield self.deltas.delta(self.job.tokens[:count])
 
     async def finished(self) -> Job:
-        async for _ in self.events():
-            pass
+        await self._until_done()
         return self.job
 
     def cancel(self) -> None:
@@ -137,10 +132,12 @@ class Scheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._outbox = _Outbox()
+        self._stream_text = None  # token ids -> text, with a tokenizer of the event loop's own
 
     def start(self, engine: ContinuousEngine | None = None) -> None:
         if engine is not None:
             self.engine = engine
+        self._stream_text = self.engine.decoder.detached_text()
         self._thread = threading.Thread(target=self._run, name="gitcap-engine", daemon=True)
         self._thread.start()
         if self.state == LOADING:  # a drain that came while loading stays a drain
@@ -182,7 +179,7 @@ class Scheduler:
         self.check_open()
         if self.engine.waiting >= self.max_queue:
             raise overloaded(f"the queue is full ({self.max_queue} requests waiting); try again shortly")
-        decode = self.engine.decoder.text if stream_text else None
+        decode = self._stream_text if stream_text else None
         ticket = Ticket(job, asyncio.get_running_loop(), self._wake, decode, self._outbox)
         self.engine.submit(job)
         self._wake()
