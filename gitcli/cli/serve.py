@@ -36,7 +36,7 @@ def serve(
                                        "alone, as caption does one image; more: higher throughput under load).")] = 16,
     max_waiting_steps: Annotated[int, typer.Option(
         "--max-waiting-steps", min=0, help="Decoding steps a request arriving at a busy server may wait for others "
-                                           "to prefill with (0: it joins at the next step).")] = 3,
+                                           "to prefill with (0: it joins at the next step).")] = 1,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", min=1, help="Requests waiting for a row; beyond it a request gets 503 with Retry-After.")] = 256,
     max_image_bytes: Annotated[int, typer.Option(
