@@ -361,7 +361,7 @@ def test_sampling_draws_afresh_unless_a_seed_is_given(client, pngs, tiny_caption
     assert len({sample() for _ in range(4)}) > 1
 
 
-def test_a_stream_on_the_wire_is_chunked_sse_that_opens_with_the_role_and_ends_with_done(server, pngs, tiny_captioner):
+def test_a_stream_on_the_wire_is_chunked_sse_from_the_role_to_done(server, pngs, tiny_captioner):
     want = alone(tiny_captioner, pngs[3], None, max_new_tokens=12)
     body = {"model": "gitcap-tiny", "max_tokens": 12, "stream": True, "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(pngs[3])}}]}]}

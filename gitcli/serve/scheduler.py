@@ -7,8 +7,9 @@ each. What one engine step produces for all its requests crosses to the event lo
 under load one step yields a token for dozens of requests. A stream reader takes every
 token waiting for it at once and decodes their text there, on the event loop (with a
 tokenizer of its own), so the engine's thread spends nothing on text and a busy server
-sends fewer, larger chunks instead of falling behind. The scheduler also owns the server's state: loading, ready, draining
-(SIGTERM: nothing new is accepted, what runs finishes).
+sends fewer, larger chunks instead of falling behind. The scheduler also owns the
+server's state: loading, ready, draining (SIGTERM: nothing new is accepted, what runs
+finishes).
 """
 
 from __future__ import annotations
