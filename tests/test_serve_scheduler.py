@@ -19,8 +19,8 @@ def test_one_step_of_many_requests_wakes_the_loop_once_and_streams_catch_up_whol
     async def main():
         loop = asyncio.get_running_loop()
         outbox = _Outbox()
-        tickets = [Ticket(_job(), loop, lambda: None, decode=lambda ids: "".join(words[i] for i in ids),
-                          outbox=outbox) for _ in range(8)]
+        tickets = [Ticket(_job(), loop, lambda: None, outbox, decode=lambda ids: "".join(words[i] for i in ids))
+                   for _ in range(8)]
         wakeups = []
         real = loop.call_soon_threadsafe
         loop.call_soon_threadsafe = lambda *args: wakeups.append(args) or real(*args)
@@ -51,7 +51,7 @@ def test_a_stream_that_keeps_up_gets_each_token_as_it_comes():
     async def main():
         loop = asyncio.get_running_loop()
         outbox = _Outbox()
-        ticket = Ticket(_job(), loop, lambda: None, decode=lambda ids: " ".join(str(i) for i in ids), outbox=outbox)
+        ticket = Ticket(_job(), loop, lambda: None, outbox, decode=lambda ids: " ".join(str(i) for i in ids))
         received = []
 
         async def reader():

@@ -189,7 +189,7 @@ class Service:
     async def finished(self, request: Request, ticket: Ticket) -> Job:
         """The job's end, or _ClientGone (and the job cancelled) if the client leaves first."""
         result = asyncio.ensure_future(ticket.finished())
-        watcher = asyncio.ensure_future(_disconnected(request))
+        watcher = asyncio.ensure_future(_disconnected(request.receive))
         try:
             done, _ = await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -293,7 +293,7 @@ class EventStream(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        watcher = asyncio.ensure_future(_disconnected_from(receive))
+        watcher = asyncio.ensure_future(_disconnected(receive))
         watcher.add_done_callback(lambda task: task.cancelled() or self.on_disconnect())
         last = False
         try:
@@ -481,13 +481,9 @@ def raise_for_job(job: Job) -> None:
         raise _ClientGone
 
 
-async def _disconnected(request: Request) -> None:
+async def _disconnected(receive) -> None:
     """Returns when the client has closed the connection (the body was read already, so the
     next ASGI message is the disconnect)."""
-    await _disconnected_from(request.receive)
-
-
-async def _disconnected_from(receive) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

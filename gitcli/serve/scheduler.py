@@ -57,10 +57,10 @@ def _deliver(group: list) -> None:
 class Ticket:
     """One submitted job as the asyncio side sees it: its tokens as they come, then its end."""
 
-    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, wake, decode=None, outbox: _Outbox | None = None):
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, wake, outbox: _Outbox, decode=None):
         self.job = job
         self.route = ""
-        self.start = self.submitted = time.perf_counter()
+        self.start = time.perf_counter()
         # a streamed job's text, decoded by the reader (event loop) from the tokens so far
         self.deltas = TextDeltas(decode) if decode is not None else None
         self.first_token: float | None = None  # perf_counter time of the first token
@@ -83,18 +83,9 @@ class Ticket:
         self._post(("done", len(job.tokens)))
 
     def _post(self, event) -> None:
-        if self._outbox is not None:
-            self._outbox.put(self, event)  # sent when the engine's step ends
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the loop is gone (server stopped): nobody is listening
-            self.job.cancel()
+        self._outbox.put(self, event)  # sent when the engine's step ends
 
     # event loop
-    async def _until_done(self) -> None:
-        while (await self.queue.get())[0] != "done":
-            pass
 
     async def text_events(self):
         """Yields the text gained since the last yield (a streaming ticket's): every token
@@ -112,7 +103,8 @@ class Ticket:
                 yield self.deltas.delta(self.job.tokens[:count])
 
     async def finished(self) -> Job:
-        await self._until_done()
+        while (await self.queue.get())[0] != "done":
+            pass
         return self.job
 
     def cancel(self) -> None:
@@ -181,7 +173,7 @@ class Scheduler:
         if self.engine.waiting >= self.max_queue:
             raise overloaded(f"the queue is full ({self.max_queue} requests waiting); try again shortly")
         decode = self._stream_text if stream_text else None
-        ticket = Ticket(job, asyncio.get_running_loop(), self._wake, decode, self._outbox)
+        ticket = Ticket(job, asyncio.get_running_loop(), self._wake, self._outbox, decode)
         self.engine.submit(job)
         self._wake()
         return ticket
