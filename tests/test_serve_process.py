@@ -209,3 +209,40 @@ def test_the_whole_batch_scheduler_serves_the_same_answers(tiny_captioner, scene
             assert r.status_code == 200
             answers.append(r.json()["caption"])
     assert answers[0] == answers[1]
+
+
+def test_freezing_takes_what_is_alive_out_of_the_collectors_scans():
+    import gc
+
+    from gitcli.serve.server import freeze_loaded_objects
+
+    loaded = [object()]  # a container: tracked by the collector
+    assert any(o is loaded for o in gc.get_objects())
+    try:
+        freeze_loaded_objects()
+        assert not any(o is loaded for o in gc.get_objects())  # in the permanent generation now
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert any(o is loaded for o in gc.get_objects())
+
+
+def test_gitcap_serve_freezes_what_the_model_load_left_alive(monkeypatch):
+    import asyncio
+    import gc
+
+    frozen = []
+
+    def load_then_stop(app, sock, **_):  # in place of uvicorn: load the model, then stop
+        asyncio.run(app.state.service.load_then_start())
+        frozen.append(gc.get_freeze_count())
+        app.state.scheduler.stop()
+
+    monkeypatch.setattr("gitcli.serve.server.serve", load_then_stop)
+    gc.unfreeze()
+    try:
+        result = runner.invoke(app, ["serve", "--preset", "tiny", "--port", "0"])
+    finally:
+        gc.unfreeze()
+    assert result.exit_code == 0, result.output
+    assert "ready" in result.output and frozen and frozen[0] > 0

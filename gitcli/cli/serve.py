@@ -97,7 +97,7 @@ def _load_and_serve(sock, config, *, checkpoint, preset, device, dtype, quant, p
     from gitcli.errors import GitcapError
     from gitcli.infer import RuntimeOptions, load_model
     from gitcli.serve.app import create_app
-    from gitcli.serve.server import serve
+    from gitcli.serve.server import freeze_loaded_objects, serve
 
     # a wrong path or preset is one line before the server starts (a model that fails to
     # load later is one error line after the "serving" line)
@@ -120,6 +120,7 @@ def _load_and_serve(sock, config, *, checkpoint, preset, device, dtype, quant, p
     def load():
         model, dev, prec = load_model(checkpoint, preset, runtime)
         config.precision = prec  # read when the engine is built, right after
+        freeze_loaded_objects()
         return model, dev
 
     def ready() -> None:

@@ -7,6 +7,7 @@ A second signal stops at once.
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 
@@ -34,6 +35,18 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def freeze_loaded_objects() -> None:
+    """Move everything alive now (the model, torch, transformers: about half a million
+    objects for the demo checkpoint) out of the garbage collector's sight, as vLLM does
+    after loading. A full collection walks every tracked object while holding the GIL, and
+    a serving process allocates fast enough to trigger one every few seconds: each stalled
+    the engine and every connection for about 0.3 s on a 2-core CPU; with the loaded
+    objects frozen it takes about 0.02 s. What stays alive for the server's whole life is
+    never garbage, so nothing is lost by never scanning it again."""
+    gc.collect()
+    gc.freeze()
 
 
 class DrainingServer(uvicorn.Server):
