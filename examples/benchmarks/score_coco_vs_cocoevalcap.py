@@ -111,7 +111,8 @@ def _report_paraphrase_cut(results: dict[str, str], references: dict[str, list[s
         ParaphraseIndex.open()
         print(f"one-time METEOR paraphrase index build: {time.perf_counter() - t0:.1f} s")
     keys = list(references)
-    refs, res = tokenize_groups([references[k] for k in keys], [[results[k]] for k in keys])
+    refs, res = (group.captions for group in tokenize_groups([references[k] for k in keys],
+                                                             [[results[k]] for k in keys]))
     index = ParaphraseIndex.open()
     kept = index.kept_entries(meteor_tokens([r[0] for r in res] + [c for caps in refs for c in caps]))
     with tempfile.TemporaryDirectory() as tmp:

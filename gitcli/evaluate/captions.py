@@ -22,9 +22,12 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from gitcli.errors import GitcapError
+
+if TYPE_CHECKING:
+    from gitcli.evaluate.ptb import Tokenized
 
 BLEU = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
 # The order COCOEvalCap reports them in.
@@ -148,7 +151,8 @@ def evaluate_captions(
     raw: dict[str, tuple[object, object]] = {}
     try:
         step("tokenize")
-        ref_tok, res_tok = tokenize_groups([list(references[k]) for k in keys], [[results[k]] for k in keys])
+        tokenized = tokenize_groups([list(references[k]) for k in keys], [[results[k]] for k in keys])
+        ref_tok, res_tok = (group.captions for group in tokenized)
         gts = dict(zip(keys, ref_tok))
         res = dict(zip(keys, res_tok))
         if "CIDEr" in metrics and not any(t for caps in ref_tok for t in caps):
@@ -194,25 +198,17 @@ def evaluate_captions(
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     scored = _collect(keys, metrics, raw)
-    scored.warnings.extend(_line_break_warnings(keys, references, results))
+    scored.warnings.extend(_line_break_warnings(*tokenized))
     return scored
 
 
-def _line_break_warnings(
-    keys: list[str], references: Mapping[str, Sequence[str]], results: Mapping[str, str]
-) -> list[str]:
-    from gitcli.evaluate.ptb import breaks_lines
-
+def _line_break_warnings(references: Tokenized, results: Tokenized) -> list[str]:
     warnings = []
-    for side, captions in (
-        ("reference", [c for k in keys for c in references[k]]),
-        ("result", [results[k] for k in keys]),
-    ):
-        bad = sum(map(breaks_lines, captions))
-        if bad:
+    for side, group in (("reference", references), ("result", results)):
+        if group.extra_lines:
             warnings.append(
-                f"{bad} {side} captions hold a character the PTB tokenizer reads as a line break "
-                r"(\r, \v, \f, U+2028, U+2029): like COCOEvalCap, the scores pair the later "
+                f"the PTB tokenizer read {group.extra_lines} line breaks inside the {side} captions (\\r, \\v, "
+                r"\f, U+2028 or U+2029): like COCOEvalCap, the scores pair the later "
                 f"{side} captions with their neighbours' tokens; replace those characters to score the text as meant"
             )
     return warnings

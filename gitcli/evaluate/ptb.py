@@ -1,25 +1,26 @@
 """Stanford PTB tokenization exactly as pycocoevalcap's `PTBTokenizer` does it.
 
-pycocoevalcap writes a group's captions one per line (a `\\n` inside a caption becomes a
-space), runs the jar with `-preserveLines` and pairs the n-th output line with the n-th
-caption. The jar also ends a line at `\\r` (`\\r\\n` once), `\\v`, `\\f`, U+2028 and
-U+2029 (found by feeding it every code point; U+0085 is read as "..."), so a caption
-holding one of them becomes two lines and every later caption of its group is paired
-with its neighbour's tokens. `COCOEvalCap.evaluate()` scores exactly that pairing.
+pycocoevalcap writes a group's captions (all references, or all results) one per line to
+a file (a `\\n` inside a caption becomes a space), runs the jar on it with
+`-preserveLines` and pairs the n-th output line with the n-th caption, dropping any
+lines left over. gitcap does the same, one jar launch per group, the two groups at once.
 
-gitcap reproduces it structurally instead of by counting output lines: it cuts the text
-into the jar's own lines in Python (`jar_lines`), so no line it sends contains a break,
-and pairs line n with caption n as pycocoevalcap does. References and results go through
-one launch, each group followed by a marker line; the output must hold every marker at
-its own line number, or the launch is refused, never paired by guesswork.
+The jar's lexer also ends a line at `\\r`, `\\v`, `\\f`, U+2028 or U+2029, but not
+everywhere: inside what it reads as an e-mail address or a URL (`a@b\\u2028`) the
+character stays part of the token, and `\\r\\n` is one break. A caption holding such a break
+becomes two lines and every later caption of its group is paired with its neighbour's
+tokens; `COCOEvalCap.evaluate()` scores exactly that pairing, and so does gitcap. No
+model of the lexer is kept here: the pairing is whatever the jar's own output gives, so
+it cannot drift from pycocoevalcap's whatever the text.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from pycocoevalcap.tokenizer import ptbtokenizer as _ptb
@@ -31,35 +32,27 @@ _JAR_DIR = Path(_ptb.__file__).resolve().parent
 _JAR = _ptb.STANFORD_CORENLP_3_4_1_JAR
 # The tokens pycocoevalcap drops after tokenizing (its PUNCTUATIONS list).
 _DROP = frozenset(_ptb.PUNCTUATIONS)
-# Where the jar's lexer ends a line.
-_JAR_LINE_BREAK = re.compile("\r\n|[\n\r\x0b\x0c\u2028\u2029]")
-# Ends each group in the shared launch: a lowercase word the jar returns unchanged.
-_GROUP_END = "gitcapendofgroup"
 
 
-def jar_lines(captions: list[str]) -> list[str]:
-    """The lines the jar reads when pycocoevalcap writes `captions` to its input file."""
-    return _JAR_LINE_BREAK.split("\n".join(c.replace("\n", " ") for c in captions))
+@dataclass
+class Tokenized:
+    """One group, tokenized: per image, its captions' tokens (space-separated, lowercased,
+    punctuation tokens dropped), and how many more lines the jar returned than the group
+    has captions (line breaks it found inside captions)."""
+
+    captions: list[list[str]]
+    extra_lines: int
 
 
-def breaks_lines(caption: str) -> bool:
-    """Whether the jar cuts this caption in two where pycocoevalcap expects one line: the
-    captions after it in its group are then paired with the wrong tokens, in COCOEvalCap
-    and so in gitcap."""
-    text = caption.replace("\n", " ")
-    # A final '\r' meets the '\n' that ends the caption's line: one break, not two.
-    return _JAR_LINE_BREAK.search(text[:-1] if text.endswith("\r") else text) is not None
-
-
-def _run_jar(lines: list[str]) -> list[str]:
-    """Tokenize `lines` (no line breaks inside) in one jar launch; returns the raw output lines."""
+def _run_jar(text: str) -> list[str]:
+    """One jar launch on `text` (pycocoevalcap's input file); returns the raw output lines."""
     java = require_java("caption scoring")
     # pycocoevalcap writes its temp file into the (possibly read-only) package folder;
     # the jar reads any path, so ours goes to the system temp dir.
     fd, path = tempfile.mkstemp(prefix="gitcap-ptb-", suffix=".txt")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write("\n".join(lines).encode())
+            f.write(text.encode())
         # pycocoevalcap's command; the C1-only JIT flag (see gitcli.evaluate.java)
         # makes this short run cheaper and cannot change its output.
         cmd = [java, *JVM_FLAGS, "-cp", _JAR, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", path]
@@ -77,36 +70,23 @@ def _clean(line: str) -> str:
     return " ".join(w for w in line.rstrip().split(" ") if w not in _DROP)
 
 
-def tokenize_groups(*groups: list[list[str]]) -> tuple[list[list[str]], ...]:
-    """Tokenize several groups (e.g. references, results) of per-image caption lists.
-
-    Each group is a list (one entry per image) of caption lists. Returns the same
-    structure, tokenized and lowercased, punctuation tokens removed, each caption paired
-    with the jar line pycocoevalcap pairs it with. (The jar's lines are never fewer than
-    the captions: every caption ends at a break.)
-    """
-    per_group = [jar_lines([c for caps in group for c in caps]) for group in groups]
-    sent: list[str] = []
-    ends: list[int] = []
-    for lines in per_group:
-        sent.extend(lines)
-        ends.append(len(sent))
-        sent.append(_GROUP_END)
-    out = _run_jar(sent)
-    if len(out) != len(sent) or any(out[i] != _GROUP_END for i in ends):
+def tokenize_group(group: list[list[str]]) -> Tokenized:
+    """Tokenize one group (per image, its captions) as pycocoevalcap's `PTBTokenizer` does."""
+    image_of_caption = [i for i, caps in enumerate(group) for _ in caps]
+    out = _run_jar("\n".join(c.replace("\n", " ") for caps in group for c in caps))
+    shaped: list[list[str]] = [[] for _ in group]
+    for i, line in zip(image_of_caption, out):  # pycocoevalcap's zip(image_id, lines)
+        shaped[i].append(_clean(line))
+    if any(caps and not tokens for caps, tokens in zip(group, shaped)):
+        # pycocoevalcap would leave the image out, and COCOEvalCap fail on the missing key
         raise GitcapError(
-            f"the PTB tokenizer's output does not line up with its input ({len(out)} lines for {len(sent)}, "
-            "or a group's end marker moved), so its tokens cannot be paired with the captions; "
-            "please report this with the captions that caused it"
+            f"the PTB tokenizer returned {len(out)} lines for {len(image_of_caption)} captions, so some "
+            "images have no tokens; please report this with the captions that caused it"
         )
-    result = []
-    start = 0
-    for group, end in zip(groups, ends):
-        image_of_caption = [i for i, caps in enumerate(group) for _ in caps]
-        shaped: list[list[str]] = [[] for _ in group]
-        # pycocoevalcap's zip(image_id, lines): caption n takes line n; extra lines are dropped.
-        for i, line in zip(image_of_caption, out[start:end]):
-            shaped[i].append(_clean(line))
-        start = end + 1
-        result.append(shaped)
-    return tuple(result)
+    return Tokenized(shaped, max(0, len(out) - len(image_of_caption)))
+
+
+def tokenize_groups(*groups: list[list[str]]) -> tuple[Tokenized, ...]:
+    """`tokenize_group` for each group (e.g. references, results), the launches in parallel."""
+    with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
+        return tuple(pool.map(tokenize_group, groups))
