@@ -98,6 +98,7 @@ def _caption_files(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="needs Java")
+@pytest.mark.slow  # METEOR's paraphrase table
 def test_score_coco_writes_scores_json(tmp_path, cli, monkeypatch):
     from gitcli.evaluate import paraphrase
 

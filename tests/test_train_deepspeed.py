@@ -39,6 +39,7 @@ def plain_losses(tmp_path_factory):
     return train(tiny_model_config(), DATA, _cfg(tmp_path_factory.mktemp("plain"), "run"), progress=False).losses
 
 
+@pytest.mark.slow
 def test_zero2_one_process_matches_plain_loop_and_resumes(tmp_path, plain_losses):
     full = train(tiny_model_config(), DATA, _cfg(tmp_path, "full", zero=2), progress=False)
     assert full.losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-6)
@@ -51,6 +52,7 @@ def test_zero2_one_process_matches_plain_loop_and_resumes(tmp_path, plain_losses
     assert first.losses + rest.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_zero3_gathers_weights_for_the_checkpoint(tmp_path, plain_losses):
     result = train(tiny_model_config(), DATA, _cfg(tmp_path, "z3", zero=3, max_steps=2, save_every=2),
                    progress=False)
@@ -197,6 +199,7 @@ def test_cli_refuses_zero3_with_int8_in_one_line():
         "or drop --quant"]
 
 
+@pytest.mark.slow
 def test_zero2_trains_from_cached_features_like_the_plain_loop(tmp_path):
     """The engine passes cached features through to the captioner as the plain loop does."""
     frozen, feats = tiny_model_config(train_vision=False), str(tmp_path / "feats")
