@@ -46,7 +46,7 @@ import time
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,13 +274,11 @@ async def post(http: aiohttp.ClientSession, kind: str, path: str, *, files: dict
 
 
 SERVER_ARGS: list[str] = []  # --server-args: given to every server started (tuning runs)
-CLIENT_CPU: list[float] = []  # the load generator's share of one core, per closed_loop run
 
 
 async def closed_loop(url: str, clients: int, total: int, make_request) -> tuple[list[Result], float]:
     """`clients` concurrent clients, each sending its next request when the last one answered,
-    until `total` requests have been sent. Returns the results and the wall time; the
-    client's own CPU time (it shares the machine with the server) goes to CLIENT_CPU."""
+    until `total` requests have been sent. Returns the results and the wall time."""
     counter = iter(range(total))
     results: list[Result] = []
     async with client(url, clients) as http:
@@ -288,20 +286,25 @@ async def closed_loop(url: str, clients: int, total: int, make_request) -> tuple
             for i in counter:
                 results.append(await make_request(http, i))
 
-        start, cpu = time.perf_counter(), time.process_time()
+        start = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
-        wall = time.perf_counter() - start
-        CLIENT_CPU.append((time.process_time() - cpu) / wall)
-        return results, wall
+        return results, time.perf_counter() - start
 
 
-async def timed_loop(url: str, clients: int, settle: float, window: float,
-                     make_request) -> tuple[list[Result], list[Result]]:
+@dataclass
+class Window:
+    """One window of steady load on one server."""
+    counted: list[Result]  # the requests that ended inside the window
+    everything: list[Result]  # every request sent, those awaited after the window included
+    client_cpu: float  # the load generator's share of one core
+
+
+async def timed_loop(url: str, clients: int, settle: float, window: float, make_request) -> Window:
     """`clients` concurrent clients for `settle` + `window` seconds, each sending its next
-    request when the last one answered. Returns the requests that ended inside the window
-    (the steady state) and every request (each is checked), the ones still running at the
-    end included: they are awaited, not counted."""
-    everything: list[tuple[float, Result]] = []
+    request when the last one answered. Counted are the requests that ended inside the
+    window (the steady state); the ones still running at the end are awaited (each request
+    is checked), not counted."""
+    ended: list[tuple[float, Result]] = []
     async with client(url, clients) as http:
         start, cpu = time.perf_counter(), time.process_time()
         opens, closes = start + settle, start + settle + window
@@ -310,12 +313,31 @@ async def timed_loop(url: str, clients: int, settle: float, window: float,
             i = k
             while time.perf_counter() < closes:
                 result = await make_request(http, i)
-                everything.append((time.perf_counter(), result))
+                ended.append((time.perf_counter(), result))
                 i += clients
 
         await asyncio.gather(*(one_client(k) for k in range(clients)))
-        CLIENT_CPU.append((time.process_time() - cpu) / (time.perf_counter() - start))
-    return [r for end, r in everything if opens <= end < closes], [r for _, r in everything]
+        client_cpu = (time.process_time() - cpu) / (time.perf_counter() - start)
+    return Window([r for end, r in ended if opens <= end < closes], [r for _, r in ended], client_cpu)
+
+
+def alternate(checkpoint: Path, items: list[Scene], servers: dict[str, tuple[str, ...]], loads: dict,
+              clients: int, rounds: int, settle: float, window: float) -> dict[tuple[str, str], list[Window]]:
+    """The servers (name -> options) run side by side (an idle one waits on a condition
+    variable), and each load (name -> request maker) alternates between them in rounds of
+    steady windows, so that a change of the machine's speed (a shared VM's can move by 2x
+    within an hour) does not land on one side of a comparison only.
+    -> (server, load) -> its windows, one per round."""
+    windows: dict[tuple[str, str], list[Window]] = {(name, load): [] for name in servers for load in loads}
+    with ExitStack() as stack:
+        urls = {name: stack.enter_context(serve(checkpoint, *options)).url for name, options in servers.items()}
+        for url in urls.values():
+            warm_up(url, items, 4)
+        for _ in range(rounds):
+            for load, request in loads.items():
+                for name, url in urls.items():
+                    windows[name, load].append(asyncio.run(timed_loop(url, clients, settle, window, request)))
+    return windows
 
 
 def warm_up(url: str, items: list[Scene], clients: int) -> None:
@@ -338,14 +360,13 @@ def ms(seconds: float | None) -> str:
     return "-" if seconds is None or seconds != seconds else f"{seconds * 1000:.0f}"
 
 
-def load_row(name: str, results: list[Result], wall: float) -> list[str]:
+def load_row(name: str, results: list[Result], seconds: float, rate: str, client_cpu: float) -> list[str]:
     ok = [r for r in results if r.status == 200]
     latencies = [r.latency for r in ok]
     ttfts = [r.ttft for r in ok if r.ttft is not None]
-    return [name, str(len(ok)), f"{len(results) - len(ok)}", f"{len(ok) / wall:.1f}",
-            f"{sum(r.tokens for r in ok) / wall:.0f}",
+    return [name, str(len(ok)), f"{len(results) - len(ok)}", rate, f"{sum(r.tokens for r in ok) / seconds:.0f}",
             ms(percentile(latencies, 50)), ms(percentile(latencies, 95)), ms(percentile(latencies, 99)),
-            ms(percentile(ttfts, 50)), ms(percentile(ttfts, 95)), f"{CLIENT_CPU[-1]:.0%}"]
+            ms(percentile(ttfts, 50)), ms(percentile(ttfts, 95)), f"{client_cpu:.0%}"]
 
 
 def load_table(title: str, rate: str = "req/s") -> Table:
@@ -367,14 +388,12 @@ def check_texts(results: list[Result]) -> int:
 
 # ----------------------------------------------------------------------------- scenarios
 def scenario_batching(checkpoint: Path, items: list[Scene], quick: bool) -> None:
-    """Both servers run side by side (the idle one waits on a condition variable), and the
-    load alternates between them in rounds, streamed chat completions then plain ones (one
-    JSON answer each: no per-token chunks to send). Each measurement is a window of steady
-    load at 64 clients: what completes in the first seconds (64 requests arriving at once)
-    and the requests still running when the window closes (a shrinking batch) are not
-    counted, as load tools measure for a fixed duration. Alternating rounds keeps a change
-    of the machine's speed (a shared VM's can move by 2x within an hour) from landing on one
-    side of the ratio only; the ratio is of the medians."""
+    """Both servers side by side, the load alternating between them (`alternate`): streamed
+    chat completions, then plain ones (one JSON answer each: no per-token chunks to send).
+    Each measurement is a window of steady load at 64 clients: what completes in the first
+    seconds (64 requests arriving at once) and the requests still running when the window
+    closes (a shrinking batch) are not counted, as load tools measure for a fixed duration.
+    The ratio is of the medians."""
     clients, rounds = 64, (1 if quick else 3)
     settle, window = (1.0, 4.0) if quick else (2.0, 12.0)
 
@@ -390,39 +409,25 @@ def scenario_batching(checkpoint: Path, items: list[Scene], quick: bool) -> None
         result.expected = item.caption
         return result
 
-    servers = (("--max-batch-size 64", ()), ("--max-batch-size 1", ("--max-batch-size", "1")))
-    modes = (("streamed", streamed), ("not streamed", plain))
-    counted = {(name, mode): [] for name, _ in servers for mode, _ in modes}
-    rates = {key: [] for key in counted}
-    client_cpu = {key: [] for key in counted}
-    wrong = 0
-    with serve(checkpoint, *servers[0][1]) as batched, serve(checkpoint, *servers[1][1]) as single:
-        urls = {servers[0][0]: batched.url, servers[1][0]: single.url}
-        for url in urls.values():
-            warm_up(url, items, 4)
-        for _ in range(rounds):
-            for mode, request in modes:
-                for name, _ in servers:
-                    steady, everything = asyncio.run(timed_loop(urls[name], clients, settle, window, request))
-                    wrong += check_texts(everything)
-                    counted[name, mode] += steady
-                    rates[name, mode].append(sum(r.status == 200 for r in steady) / window)
-                    client_cpu[name, mode].append(CLIENT_CPU[-1])
+    servers = {"--max-batch-size 64": (), "--max-batch-size 1": ("--max-batch-size", "1")}
+    modes = {"streamed": streamed, "not streamed": plain}
+    windows = alternate(checkpoint, items, servers, modes, clients, rounds, settle, window)
+    wrong = sum(check_texts(w.everything) for runs in windows.values() for w in runs)
+    rates = {key: [sum(r.status == 200 for r in w.counted) / window for w in runs] for key, runs in windows.items()}
 
     table = load_table(f"(a) {clients} concurrent clients, steady load: {rounds} alternating "
                        f"{window:.0f}-second windows per row, greedy, <= {MAX_NEW_TOKENS} new tokens",
                        rate="req/s (median; range)")
-    for name, _ in servers:
-        for mode, _ in modes:
-            key = (name, mode)
-            low, high = min(rates[key]), max(rates[key])
-            CLIENT_CPU.append(statistics.median(client_cpu[key]))
-            row = load_row(f"{name}, {mode}", counted[key], window * rounds)
-            row[3] = f"{statistics.median(rates[key]):.1f}; {low:.1f}-{high:.1f}"
-            table.add_row(*row)
+    for name in servers:
+        for mode in modes:
+            runs, rate = windows[name, mode], rates[name, mode]
+            rate_text = f"{statistics.median(rate):.1f}; {min(rate):.1f}-{max(rate):.1f}"
+            table.add_row(*load_row(f"{name}, {mode}", [r for w in runs for r in w.counted], window * rounds,
+                                    rate_text, statistics.median(w.client_cpu for w in runs)))
     console.print(table)
-    for mode, _ in modes:
-        fast, slow = rates[servers[0][0], mode], rates[servers[1][0], mode]
+    fast_name, slow_name = servers
+    for mode in modes:
+        fast, slow = rates[fast_name, mode], rates[slow_name, mode]
         ratio = statistics.median(fast) / statistics.median(slow)
         per_round = [f / s for f, s in zip(fast, slow)]
         console.print(f"requests/s ratio, {mode}: [bold]{ratio:.1f}x[/bold] (target >= 8x: "
@@ -483,8 +488,8 @@ def scenario_lone(checkpoint: Path, items: list[Scene], local: InProcess, quick:
 
 
 def scenario_mixed(checkpoint: Path, items: list[Scene], quick: bool) -> None:
-    """As (a): both servers side by side, the load alternating between them in rounds of
-    steady windows; each scheduler's latencies are pooled over its rounds."""
+    """As (a): both schedulers side by side, the load alternating between them in rounds of
+    steady windows (`alternate`); each scheduler's latencies are pooled over its rounds."""
     clients, rounds = 32, (1 if quick else 3)
     settle, window = (1.0, 4.0) if quick else (2.0, 10.0)
 
@@ -498,35 +503,24 @@ def scenario_mixed(checkpoint: Path, items: list[Scene], quick: bool) -> None:
     for column in ("scheduler", "ok", "req/s", "short p50 ms", "short p95 ms", "long p50 ms", "long p95 ms",
                    "TTFT p95 ms", "client CPU"):
         table.add_column(column, justify="left" if column == "scheduler" else "right")
-    schedulers = ("continuous", "whole")
-    steady = {name: [] for name in schedulers}
-    per_round = {name: [] for name in schedulers}  # the short requests' p95 of each window
-    cpu = {name: [] for name in schedulers}
-    failed = {name: 0 for name in schedulers}
-    with serve(checkpoint, "--scheduler", "continuous") as continuous, \
-            serve(checkpoint, "--scheduler", "whole") as whole:
-        urls = {"continuous": continuous.url, "whole": whole.url}
-        for url in urls.values():
-            warm_up(url, items, 4)
-        for _ in range(rounds):
-            for name in schedulers:
-                counted, everything = asyncio.run(timed_loop(urls[name], clients, settle, window, request))
-                failed[name] += sum(r.status != 200 for r in everything)
-                steady[name] += counted
-                per_round[name].append(percentile([r.latency for r in counted
-                                                   if r.status == 200 and r.kind == "short"], 95))
-                cpu[name].append(CLIENT_CPU[-1])
-    p95 = {}
+    schedulers = {"continuous": ("--scheduler", "continuous"), "whole": ("--scheduler", "whole")}
+    windows = alternate(checkpoint, items, schedulers, {"mixed": request}, clients, rounds, settle, window)
+    p95, per_round = {}, {}  # per_round: the short requests' p95 of each window
     for name in schedulers:
-        ok = [r for r in steady[name] if r.status == 200]
+        runs = windows[name, "mixed"]
+        ok = [r for w in runs for r in w.counted if r.status == 200]
         short = [r.latency for r in ok if r.kind == "short"]
         long = [r.latency for r in ok if r.kind == "long"]
         p95[name] = percentile(short, 95)
+        per_round[name] = [percentile([r.latency for r in w.counted if r.status == 200 and r.kind == "short"], 95)
+                           for w in runs]
         table.add_row(name, str(len(ok)), f"{len(ok) / (window * rounds):.1f}", ms(percentile(short, 50)),
                       ms(p95[name]), ms(percentile(long, 50)), ms(percentile(long, 95)),
-                      ms(percentile([r.ttft for r in ok if r.ttft], 95)), f"{statistics.median(cpu[name]):.0%}")
-        if failed[name]:
-            console.print(f"[red]{failed[name]} requests failed under --scheduler {name}[/red]")
+                      ms(percentile([r.ttft for r in ok if r.ttft], 95)),
+                      f"{statistics.median(w.client_cpu for w in runs):.0%}")
+        failed = sum(r.status != 200 for w in runs for r in w.everything)
+        if failed:
+            console.print(f"[red]{failed} requests failed under --scheduler {name}[/red]")
     console.print(table)
     ratio = p95["continuous"] / p95["whole"]
     rounds_text = ", ".join(f"{c / w:.2f}x" for c, w in zip(per_round["continuous"], per_round["whole"]))
