@@ -202,3 +202,39 @@ def test_a_waiting_engine_keeps_greedy_answers_token_for_token(tiny_captioner, i
     jobs = [job_for(tiny_captioner, p, q, c) for p, q, c in zip(image_files, QUESTIONS, configs)]
     staggered(engine, jobs, arrivals=[0, 1, 2, 2, 5, 9])
     assert [j.tokens for j in jobs] == [e.token_ids for e in expected]
+
+
+def test_ignore_eos_decodes_past_the_end_exactly_as_the_batch_decoder_without_eos(tiny_captioner, image_files):
+    """A row with ignore_eos runs to max_new_tokens, EOS included as a token, and each token
+    is what the batch decoder gives with no EOS (`decode_tokens(eos=None)`, the fixed
+    workload of `gitcap bench`), while rows that stop at EOS decode beside it. The untrained
+    model rarely says its EOS, so a token it does say early plays EOS here."""
+    from gitcli.generate.decode import decode_tokens
+    from gitcli.generate.inputs import prepare_inputs
+
+    config = GenerationConfig(max_new_tokens=12)
+
+    def decoded(i, eos):
+        job = job_for(tiny_captioner, image_files[i], QUESTIONS[i], config)
+        with torch.no_grad():
+            prefix = tiny_captioner.image_prefix(job.pixel_values[None])
+            embeds, mask, positions = prepare_inputs(tiny_captioner, prefix, [job.prompt])
+            [(tokens, _)] = decode_tokens(tiny_captioner.lm, embeds, mask, positions, config, eos)
+        return list(tokens)
+
+    endless = [decoded(i, None) for i in range(len(image_files))]
+    assert all(len(t) == config.max_new_tokens for t in endless)
+    eos = endless[0][3]  # the token the first image says fourth ends answers in this test
+    stopping = [decoded(i, eos) for i in range(len(image_files))]
+    ended_early = [i for i, t in enumerate(stopping) if len(t) < config.max_new_tokens]
+    assert 0 in ended_early
+
+    engine = ContinuousEngine(tiny_captioner, max_batch_size=8)
+    engine.decoder.eos = eos
+    normal = [job_for(tiny_captioner, p, q, config) for p, q in zip(image_files, QUESTIONS)]
+    ignoring = [job_for(tiny_captioner, image_files[i], QUESTIONS[i], config, ignore_eos=True) for i in ended_early]
+    staggered(engine, normal + ignoring, arrivals=[0, 1, 1, 3, 4, 6] + list(range(len(ignoring))))
+    assert [j.tokens for j in normal] == stopping
+    for i, job in zip(ended_early, ignoring):
+        assert job.tokens == endless[i] and job.finish_reason == "length"
+        assert job.tokens[len(stopping[i])] == eos  # it went on where the answer ended

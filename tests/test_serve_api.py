@@ -175,6 +175,7 @@ def test_greedy_requests_arriving_while_others_decode_answer_what_each_gives_alo
     (lambda b: b["messages"].insert(0, {"role": "system", "content": "be brief"}), "one user message"),
     (lambda b: b.update(temperature=-1), "temperature"),
     (lambda b: b.update(max_tokens=0), "max_tokens"),
+    (lambda b: b.update(ignore_eos="yes"), "ignore_eos"),
     (lambda b: b["messages"][0]["content"][0]["image_url"].update(url="http://example.com/a.png"),
      "--allow-image-urls"),
     (lambda b: b["messages"][0]["content"][0]["image_url"].update(url="data:image/png;base64,iVBORw0K"),
@@ -190,6 +191,33 @@ def test_what_the_model_cannot_do_is_a_400_that_says_so(server, pngs, change, wo
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert words in error["message"] and error["type"] == "invalid_request_error" and "code" in error
+
+
+def test_ignore_eos_runs_an_answer_to_max_tokens(server, client, pngs, tiny_captioner):
+    """vLLM's `ignore_eos` (the openai client's extra_body): the answer goes on past its end
+    to max_tokens, as the batch decoder without EOS gives it. The untrained model rarely
+    says EOS, so the engine here takes a token it says (the first new one after two) for EOS."""
+    full = alone(tiny_captioner, pngs[0], None, max_new_tokens=12)
+    ids = full.token_ids
+    end = next(k for k in range(2, len(ids)) if ids[k] not in ids[:k])
+    decoder = server.scheduler.engine.decoder
+    real_eos, decoder.eos = decoder.eos, ids[end]
+    try:
+        stopped = chat(client, pngs[0], max_tokens=12, temperature=0)
+        ignoring = chat(client, pngs[0], max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    finally:
+        decoder.eos = real_eos
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == end + 1
+    assert ignoring.choices[0].finish_reason == "length" and ignoring.usage.completion_tokens == 12
+    assert ignoring.choices[0].message.content == full.text
+
+
+def test_ignore_eos_with_beam_search_is_a_400(tiny_captioner, pngs):
+    with running_server(tiny_captioner, generation=GenerationConfig(beams=2)) as beam_server:
+        r = httpx.post(beam_server.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(pngs[0])}}]}],
+            "ignore_eos": True})
+    assert r.status_code == 400 and "beam search" in r.json()["error"]["message"]
 
 
 def test_the_openai_client_sees_a_bad_request(client, pngs):

@@ -70,6 +70,9 @@ class Job:
     config: GenerationConfig
     on_token: Callable[["Job", int], None] | None = None  # each generated token (not EOS)
     on_finish: Callable[["Job"], None] | None = None  # once, when the job ends in any way
+    # decode max_new_tokens tokens even past EOS (vLLM's `ignore_eos`, which serving
+    # benchmarks use to fix output lengths); rows of the token-level batch only, not beam groups
+    ignore_eos: bool = False
     tokens: list[int] = field(default_factory=list)
     text: str | None = None  # set when it finished
     finish_reason: str | None = None  # "stop" (EOS), "length", "cancelled", "error"
@@ -467,7 +470,7 @@ class ContinuousEngine:
     def _emit(self, row: _Row, token: int) -> bool:
         """Record one token; -> True when the row has ended (and was finished)."""
         job = row.job
-        if token == self.decoder.eos:
+        if token == self.decoder.eos and not job.ignore_eos:
             self._finish(job, "stop")
             return True
         job.tokens.append(token)

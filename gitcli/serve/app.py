@@ -56,6 +56,7 @@ class _Options:
     top_p: float | None = None
     beams: int | None = None
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 class Service:
@@ -172,7 +173,10 @@ class Service:
         except GitcapError as exc:
             raise bad_request(str(exc).replace("--max-new-tokens", "max_tokens").replace("--", ""),
                               "invalid_value") from None
-        return Job(pixels, prompts_for(self.model.captioner.config, [question])[0], gen)
+        if options.ignore_eos and gen.beams > 1:
+            raise bad_request("ignore_eos needs greedy or sampled decoding, not beam search", "invalid_value")
+        return Job(pixels, prompts_for(self.model.captioner.config, [question])[0], gen,
+                   ignore_eos=options.ignore_eos)
 
     def run(self, job: Job, start: float, route: str, stream_text: bool = False) -> Ticket:
         ticket = self.scheduler.submit(job, stream_text=stream_text)
@@ -362,7 +366,9 @@ CHAT_SCHEMA = {"requestBody": {"required": True, "content": {"application/json":
                      "(a question; none = caption)", "items": {"type": "object"}},
         "max_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0},
         "top_p": {"type": "number"}, "seed": {"type": "integer"}, "stream": {"type": "boolean"},
-        "stream_options": {"type": "object"}}}}}}}
+        "stream_options": {"type": "object"},
+        "ignore_eos": {"type": "boolean", "description": "decode max_tokens tokens even past the end of the "
+                       "answer (vLLM's ignore_eos: for benchmarks with fixed output lengths)"}}}}}}}
 
 
 # ---- routes: each takes the app's Service from request.app.state -----------------
@@ -451,7 +457,7 @@ async def _chat(service: Service, request: Request, start: float) -> Response:
     chat_request = oai.parse_chat(oai.parse_json(body))
     data = await service.image_bytes(chat_request.image_url)
     options = _Options(max_tokens=chat_request.max_tokens, temperature=chat_request.temperature,
-                       top_p=chat_request.top_p, seed=chat_request.seed)
+                       top_p=chat_request.top_p, seed=chat_request.seed, ignore_eos=chat_request.ignore_eos)
     job = service.make_job(await service.pixels_from(data), chat_request.question, options)
     ticket = service.run(job, start, CHAT_ROUTE, stream_text=chat_request.stream)
     if chat_request.stream:

@@ -29,7 +29,8 @@ class ChatRequest:
     top_p: float | None
     seed: int | None
     stream: bool
-    include_usage: bool  # stream_options.include_usage: a last chunk with usage
+    include_usage: bool
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens even past EOS  # stream_options.include_usage: a last chunk with usage
 
 
 def parse_json(body: bytes) -> dict:
@@ -90,7 +91,16 @@ def parse_chat(data: dict) -> ChatRequest:
         seed=_int(data.get("seed"), "seed", None),
         stream=bool(data.get("stream", False)),
         include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
+        ignore_eos=_bool(data.get("ignore_eos"), "ignore_eos"),
     )
+
+
+def _bool(value, name: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request(f"{name} must be true or false", "invalid_value")
+    return value
 
 
 def _int(value, name: str, low: int | None) -> int | None:
