@@ -41,6 +41,7 @@ from gitcli.train.run_config import check_resume_agrees
 from gitcli.train.run_output import RunOutput
 from gitcli.train.state import Position, load_state, set_rng_state
 from gitcli.train.step import Optimisation
+from gitcli.train.zero import torch_linear_restored
 
 Validator = Callable[[Captioner, int], dict]  # (model, step) -> {"score": float, ...}
 
@@ -83,7 +84,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, *, val
     """Run training; returns a summary. `stop_after` ends the process's run early (tests)."""
     launch = check_and_launch(model_cfg, data_cfg, cfg)  # every option checked before anything loads
     out = Path(cfg.output_dir)
-    with _run_lock(out, launch.rank):
+    with _run_lock(out, launch.rank), torch_linear_restored():
         resume_from, state = _resume_point(out, data_cfg, cfg)
         if (finished := _finished_run(out, state, resume_from, cfg.max_steps)) is not None:
             return finished  # said before a model loads, when --max-steps gives the length

@@ -23,6 +23,22 @@ DS_DIR = "deepspeed"  # under the checkpoint's train_state/
 DS_TAG = "state"
 
 
+@contextlib.contextmanager
+def torch_linear_restored():
+    """Give the process torch's own `torch.nn.functional.linear` back when a run ends.
+
+    DeepSpeed's ZeRO-3 swaps it for its memory-efficient version for the whole process
+    and leaves it there (its own log: "This will persist unless manually reset"). Whatever
+    the process does next, such as captioning or loading a model with torchao's int8
+    weights (which that version cannot transpose), must run torch's.
+    """
+    original = torch.nn.functional.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = original
+
+
 def import_deepspeed():
     try:
         import deepspeed
