@@ -68,7 +68,7 @@ class Job:
     pixel_values: torch.Tensor
     prompt: str
     config: GenerationConfig
-    on_token: Callable[["Job", int], None] | None = None  # each generated token (not EOS)
+    on_token: Callable[["Job", int], None] | None = None  # each generated token (not the EOS that ends it)
     on_finish: Callable[["Job"], None] | None = None  # once, when the job ends in any way
     # decode max_new_tokens tokens even past EOS (vLLM's `ignore_eos`, which serving
     # benchmarks use to fix output lengths); rows of the token-level batch only, not beam groups

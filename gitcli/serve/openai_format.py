@@ -29,8 +29,8 @@ class ChatRequest:
     top_p: float | None
     seed: int | None
     stream: bool
-    include_usage: bool
-    ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens even past EOS  # stream_options.include_usage: a last chunk with usage
+    include_usage: bool  # stream_options.include_usage: a last chunk with usage
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens even past EOS
 
 
 def parse_json(body: bytes) -> dict:
